@@ -1,0 +1,223 @@
+"""The `edgeslm` command line: chat, generate, export, info.
+
+Only this module prints; everything else logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgeslm.errors import EdgeSLMError
+
+log = logging.getLogger("edgeslm.cli")
+
+EXAMPLES = """\
+examples:
+  edgeslm chat                                  chat with the default model
+  edgeslm chat ./Llama-68M-Chat-v1              a Hugging Face folder (exported once)
+  edgeslm generate "The capital of France is" --max-tokens 16
+  edgeslm export model.gguf -o ./pkg            make an int8 package
+  edgeslm info ./pkg                            what a package holds
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `edgeslm` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("edgeslm").setLevel(logging.WARNING)
+        logging.getLogger("edgeslm.export").setLevel(logging.INFO)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print()
+        return 130
+    except (EdgeSLMError, ValueError, FileExistsError) as exc:
+        print(f"edgeslm: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeslm",
+        description="Run small language models on a board: int8 ONNX, no PyTorch.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="interactive chat (default model if none given)")
+    chat.add_argument("model", nargs="?", help="package, HF folder, .gguf or hub id")
+    chat.add_argument("--system", help="system prompt")
+    _add_generation_options(chat, default_temperature=0.7)
+    chat.set_defaults(func=_cmd_chat)
+
+    gen = sub.add_parser("generate", help="continue a prompt ('-' reads stdin)")
+    gen.add_argument("prompt")
+    gen.add_argument("-m", "--model", help="package, HF folder, .gguf or hub id")
+    _add_generation_options(gen, default_temperature=0.0)
+    gen.set_defaults(func=_cmd_generate)
+
+    exp = sub.add_parser("export", help="turn a checkpoint into an edgeslm package")
+    exp.add_argument("src", help="Hugging Face model folder or .gguf file")
+    exp.add_argument("-o", "--output", required=True, help="package folder to write")
+    exp.add_argument(
+        "--dtype",
+        choices=("int8", "fp32"),
+        default="int8",
+        help="weight type (default: int8)",
+    )
+    exp.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        choices=(16, 32, 64, 128),
+        help="int8 block length: smaller is more faithful (default: 16)",
+    )
+    exp.add_argument("--force", action="store_true", help="replace an existing package")
+    exp.set_defaults(func=_cmd_export)
+
+    info = sub.add_parser("info", help="describe a package and verify its files")
+    info.add_argument("package")
+    info.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def _add_generation_options(
+    p: argparse.ArgumentParser, default_temperature: float
+) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="default: 256")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=default_temperature,
+        help=f"0 = greedy (default: {default_temperature})",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop string (repeatable)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="default: all cores")
+    p.add_argument("--n-ctx", type=int, default=None, help="context length")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    options = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": args.stop,
+    }
+    if args.seed is not None:
+        options["seed"] = args.seed
+    return options
+
+
+def _load(name, args: argparse.Namespace):
+    import edgeslm
+
+    return edgeslm.load(name, n_threads=args.threads, n_ctx=args.n_ctx)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args.model, args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"edgeslm chat with {model.path.name}. /reset starts over, Ctrl-D quits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for piece in model.chat(messages, stream=True, **_options(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = _load(args.model, args)
+    for piece in model.generate(prompt, stream=True, **_options(args)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from edgeslm.export import export_model
+
+    out = export_model(
+        args.src,
+        args.output,
+        dtype=args.dtype,
+        overwrite=args.force,
+        block_size=args.block_size,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from edgeslm.manifest import Manifest
+
+    package = Path(args.package)
+    manifest = Manifest.read(package)
+    if args.json:
+        print(manifest.to_json(), end="")
+        return 0
+    cfg = manifest.config
+    print(f"package       {package}")
+    print(f"architecture  {cfg.architecture} ({manifest.graph})")
+    print(
+        f"dimensions    {cfg.n_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), head_dim {cfg.head_dim}, "
+        f"ffn {cfg.intermediate_size}"
+    )
+    print(f"vocabulary    {cfg.vocab_size} tokens, context {cfg.max_seq_len}")
+    print(f"weights       {manifest.quantization}")
+    print(
+        f"special       bos {manifest.tokens.bos_token_id}, "
+        f"eos {list(manifest.tokens.eos_token_ids)}"
+    )
+    print(f"chat template {'yes' if manifest.chat_template else 'none (ChatML)'}")
+    print(f"source        {json.dumps(manifest.source)}")
+    for name in manifest.files:
+        size = (package / name).stat().st_size if (package / name).exists() else 0
+        print(f"file          {name} ({size / 1e6:.1f} MB)")
+    manifest.verify(package)
+    print("sha256        all files verified")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Export: checkpoints (Hugging Face folders, GGUF files) into edgeslm packages.
+
+`export_model` opens a source with a reader (`checkpoint.py`, `gguf_reader.py`), builds
+the graph with the builder of its architecture family (`llama.py`), quantizes the
+weights (`quantize.py`), writes the tokenizer and the manifest, and hashes every file.
+This package needs the `export` extra (onnx, gguf, safetensors); the runtime does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from edgeslm.errors import EdgeSLMError
+from edgeslm.manifest import Manifest, TokenSpec, sha256_file
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("int8", "fp32")
+GRAPH_KINDS = {"llama": "llama-gqa-v1"}
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def export_model(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "int8",
+    overwrite: bool = False,
+    block_size: int = 16,
+) -> Path:
+    """Export a checkpoint to a model package.
+
+    Args:
+        src: a Hugging Face model folder or a `.gguf` file.
+        out_dir: the package folder to create.
+        dtype: "int8" (block-wise int8 weights, the default) or "fp32".
+        overwrite: replace an existing package at `out_dir`.
+        block_size: int8 block length (16, 32, 64 or 128); smaller is more
+            faithful and larger is smaller on disk.
+
+    Returns:
+        The package folder.
+
+    Raises:
+        ModelNotFoundError: `src` does not exist.
+        ModelFormatError: `src` is malformed or of an unsupported architecture.
+        FileExistsError: `out_dir` exists and `overwrite` is false.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True")
+
+    from edgeslm.export.checkpoint import open_checkpoint
+
+    started = time.perf_counter()
+    ckpt = open_checkpoint(src)
+    cfg = ckpt.config
+    log.info(
+        "exporting %s (%s, %d layers, hidden %d, vocab %d) as %s",
+        src,
+        cfg.architecture,
+        cfg.n_layers,
+        cfg.hidden_size,
+        cfg.vocab_size,
+        dtype,
+    )
+
+    # Build into a temporary folder beside the target, then move it in place, so a
+    # failed export never leaves a half-written package behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        _write_package(ckpt, tmp, dtype, block_size)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("package written to %s in %.1f s", out, time.perf_counter() - started)
+    return out
+
+
+def _write_package(ckpt, folder: Path, dtype: str, block_size: int) -> None:
+    import onnx
+
+    from edgeslm.export.llama import build_llama
+
+    def progress(done: int, total: int, what: str) -> None:
+        log.info("  [%3d%%] %s", 100 * done // total, what)
+
+    info = ckpt.write_tokenizer(folder)
+    model = build_llama(ckpt, dtype, progress, block_size=block_size)
+    log.info("  writing %s", MODEL_FILE)
+    if model.ByteSize() > 1_800_000_000:
+        raise EdgeSLMError(
+            "model over 1.8 GB does not fit one ONNX file; not supported yet"
+        )
+    onnx.save_model(model, str(folder / MODEL_FILE))
+
+    # Special tokens: every id that should end a generation.
+    eos = [info.eos_token_id] if info.eos_token_id is not None else []
+    eos += [i for i in info.extra_eos_token_ids if i not in eos]
+    manifest = Manifest(
+        config=ckpt.config,
+        tokens=TokenSpec(
+            bos_token_id=info.bos_token_id,
+            eos_token_ids=tuple(eos),
+            add_bos_token=info.add_bos_token,
+            pad_token_id=info.pad_token_id,
+        ),
+        quantization=f"int8-block{block_size}" if dtype == "int8" else "fp32",
+        graph=GRAPH_KINDS[ckpt.config.architecture],
+        chat_template=info.chat_template,
+        source=ckpt.source,
+        files={
+            name: sha256_file(folder / name) for name in (MODEL_FILE, TOKENIZER_FILE)
+        },
+    )
+    manifest.write(folder)

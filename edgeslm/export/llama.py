@@ -1,0 +1,239 @@
+"""ONNX graph builder for the Llama family (Llama-68M, SmolLM2).
+
+The graph follows edgeslm's decoder contract (docs/ARCHITECTURE.md):
+
+    inputs   input_ids              (1, n_new) int64
+             seqlens_k              (1,) int32   cache length after this step - 1
+             total_sequence_length  () int32     cache length after this step
+             past_key_values.{l}.key / .value
+                                    (1, n_kv_heads, max_seq_len, head_dim) float32
+    outputs  logits                 (1, vocab_size) f32, last position only
+             present.{l}.key / .value  the same buffers as the past ones
+
+Attention is onnxruntime's `GroupQueryAttention` with RoPE applied inside it; the
+runtime binds each past and present to one preallocated buffer, so a decode step
+writes only the new positions and never copies the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from edgeslm.config import ModelConfig
+from edgeslm.export.checkpoint import Checkpoint
+from edgeslm.export.onnx_graph import (
+    ACCURACY_LEVEL,
+    DEFAULT_BLOCK_SIZE,
+    FLOAT,
+    INT32,
+    INT64,
+    MS_DOMAIN,
+    GraphBuilder,
+)
+from edgeslm.export.quantize import INT8_ZERO_POINT, quantize_int8_blocks
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+def build_llama(
+    ckpt: Checkpoint,
+    dtype: str,
+    progress: Progress | None = None,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+):
+    """Write the decoder graph of a Llama-family checkpoint.
+
+    Args:
+        ckpt: an opened checkpoint (config + lazy tensors).
+        dtype: "int8" (block-wise int8 weights) or "fp32".
+        progress: called as `progress(done, total, what)` after each block.
+        block_size: int8 block length along the input dimension.
+
+    Returns:
+        The `onnx.ModelProto`.
+    """
+    cfg = ckpt.config
+    b = GraphBuilder(dtype, block_size)
+    _declare_io(b, cfg)
+    hidden, embed_q = _embedding(b, ckpt)
+
+    residual = None
+    mlp_out = hidden
+    for layer in range(cfg.n_layers):
+        mlp_out, residual = _block(b, ckpt, layer, mlp_out, residual)
+        if progress:
+            progress(layer + 1, cfg.n_layers, f"layer {layer + 1}/{cfg.n_layers}")
+
+    # Last position only: gather it before the final norm and the output projection.
+    last_idx = b.const("last_index", np.array(-1, dtype=np.int64))
+    if residual is None:
+        total = mlp_out
+    else:
+        total = b.op("Add", mlp_out, residual)
+    last = b.op("Gather", total, last_idx, axis=1)
+    normed = _rms_norm(b, last, ckpt.load("norm"), "final_norm", cfg.norm_eps)
+    _lm_head(b, ckpt, normed, embed_q)
+    return b.model("edgeslm-llama")
+
+
+def _declare_io(b: GraphBuilder, cfg: ModelConfig) -> None:
+    b.input("input_ids", INT64, [1, "n_new"])
+    b.input("seqlens_k", INT32, [1])
+    b.input("total_sequence_length", INT32, [])
+    kv_shape = [1, cfg.n_kv_heads, "max_seq_len", cfg.head_dim]
+    for layer in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            b.input(f"past_key_values.{layer}.{kind}", FLOAT, kv_shape)
+    b.output("logits", FLOAT, [1, cfg.vocab_size])
+    for layer in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            b.output(f"present.{layer}.{kind}", FLOAT, kv_shape)
+
+
+def _embedding(b: GraphBuilder, ckpt: Checkpoint):
+    """Token embedding; int8 keeps one quantized table shared with a tied head."""
+    weight = ckpt.load("embed")
+    if b.dtype == "fp32":
+        table = b.const("embed.weight", weight)
+        return b.op("Gather", table, "input_ids", axis=0), None
+
+    # (vocab, n_blocks, 32) uint8 rows -> float, minus the zero point, times scales.
+    q = quantize_int8_blocks(weight, b.block_size)
+    data = b.const("embed.qweight", q.data)
+    scales = b.const("embed.scales", q.scales)
+    rows = b.op("Cast", b.op("Gather", data, "input_ids", axis=0), to=FLOAT)
+    zero = b.const("embed.zero_point", np.array(INT8_ZERO_POINT, dtype=np.float32))
+    row_scales = b.op(
+        "Unsqueeze",
+        b.op("Gather", scales, "input_ids", axis=0),
+        b.const("axis_last", np.array([-1], dtype=np.int64)),
+    )
+    values = b.op("Mul", b.op("Sub", rows, zero), row_scales)
+    shape = b.const("embed.shape", np.array([1, -1, weight.shape[1]], dtype=np.int64))
+    if q.data.shape[1] * b.block_size != weight.shape[1]:
+        # TODO: hidden sizes that are not a multiple of 32; none of ours needs it.
+        raise NotImplementedError("hidden_size must be a multiple of 32 for int8")
+    return b.op("Reshape", values, shape), q
+
+
+def _rms_norm(b: GraphBuilder, x: str, gamma: np.ndarray, name: str, eps: float) -> str:
+    g = b.const(f"{name}.weight", gamma.astype(np.float32))
+    return b.node(
+        "SimplifiedLayerNormalization", [x, g], 1, name=name, axis=-1, epsilon=eps
+    )[0]
+
+
+def _skip_rms_norm(
+    b: GraphBuilder, x: str, skip: str, gamma: np.ndarray, name: str, eps: float
+) -> tuple[str, str]:
+    """Residual add fused with the RMS norm: returns (normed, new residual)."""
+    g = b.const(f"{name}.weight", gamma.astype(np.float32))
+    outs = b.node(
+        "SkipSimplifiedLayerNormalization",
+        [x, skip, g],
+        4,
+        name=name,
+        domain=MS_DOMAIN,
+        epsilon=eps,
+    )
+    return outs[0], outs[3]
+
+
+def _block(b: GraphBuilder, ckpt: Checkpoint, layer: int, x: str, residual: str | None):
+    cfg = ckpt.config
+    p = f"layers.{layer}"
+
+    # Attention input: the first block normalizes the embedding; later ones fuse
+    # the previous block's residual add into the norm.
+    if residual is None:
+        residual = x
+        h = _rms_norm(b, x, ckpt.load(f"{p}.attn_norm"), f"{p}.attn_norm", cfg.norm_eps)
+    else:
+        h, residual = _skip_rms_norm(
+            b, x, residual, ckpt.load(f"{p}.attn_norm"), f"{p}.attn_norm", cfg.norm_eps
+        )
+
+    # One packed QKV projection feeds GroupQueryAttention (RoPE inside).
+    wqkv = np.concatenate(
+        [ckpt.load(f"{p}.wq"), ckpt.load(f"{p}.wk"), ckpt.load(f"{p}.wv")], axis=0
+    )
+    qkv = b.linear(h, wqkv, f"{p}.qkv")
+    cos, sin = _rope_tables(b, cfg)
+    attn = b.node(
+        "GroupQueryAttention",
+        [
+            qkv,
+            "",
+            "",
+            f"past_key_values.{layer}.key",
+            f"past_key_values.{layer}.value",
+            "seqlens_k",
+            "total_sequence_length",
+            cos,
+            sin,
+        ],
+        name=f"{p}.attn",
+        outputs=[f"{p}.attn/out", f"present.{layer}.key", f"present.{layer}.value"],
+        domain=MS_DOMAIN,
+        num_heads=cfg.n_heads,
+        kv_num_heads=cfg.n_kv_heads,
+        do_rotary=1,
+        rotary_interleaved=0,
+    )[0]
+    o = b.linear(attn, ckpt.load(f"{p}.wo"), f"{p}.wo")
+
+    # Feed-forward: packed gate+up projection, SiLU(gate) * up, down projection.
+    h, residual = _skip_rms_norm(
+        b, o, residual, ckpt.load(f"{p}.ffn_norm"), f"{p}.ffn_norm", cfg.norm_eps
+    )
+    wgu = np.concatenate([ckpt.load(f"{p}.w_gate"), ckpt.load(f"{p}.w_up")], axis=0)
+    gate_up = b.linear(h, wgu, f"{p}.gate_up")
+    gate, up = b.node("Split", [gate_up], 2, name=f"{p}.split", axis=-1, num_outputs=2)
+    silu = b.op("Mul", gate, b.op("Sigmoid", gate))
+    down = b.linear(b.op("Mul", silu, up), ckpt.load(f"{p}.w_down"), f"{p}.w_down")
+    return down, residual
+
+
+def _rope_tables(b: GraphBuilder, cfg: ModelConfig) -> tuple[str, str]:
+    """cos/sin caches `(max_seq_len, head_dim / 2)`, shared by every layer."""
+    if any(i.name == "rope.cos" for i in b.initializers):
+        return "rope.cos", "rope.sin"
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / cfg.rope_theta ** (
+        np.arange(half, dtype=np.float64) * 2 / cfg.head_dim
+    )
+    angles = np.outer(np.arange(cfg.max_seq_len, dtype=np.float64), inv_freq)
+    b.const("rope.cos", np.cos(angles).astype(np.float32))
+    b.const("rope.sin", np.sin(angles).astype(np.float32))
+    return "rope.cos", "rope.sin"
+
+
+def _lm_head(b: GraphBuilder, ckpt: Checkpoint, x: str, embed_q) -> None:
+    cfg = ckpt.config
+    tied = cfg.tie_word_embeddings and "lm_head" not in ckpt.names
+    if b.dtype == "int8" and tied:
+        b.node(
+            "MatMulNBits",
+            [x, "embed.qweight", "embed.scales"],
+            outputs=["logits"],
+            name="lm_head",
+            domain=MS_DOMAIN,
+            K=cfg.hidden_size,
+            N=cfg.vocab_size,
+            bits=8,
+            block_size=b.block_size,
+            accuracy_level=ACCURACY_LEVEL,
+        )
+    elif b.dtype == "fp32" and tied:
+        b.node(
+            "Gemm", [x, "embed.weight"], outputs=["logits"], name="lm_head", transB=1
+        )
+    else:
+        out = b.linear(x, ckpt.load("lm_head"), "lm_head")
+        b.node("Identity", [out], outputs=["logits"], name="logits")

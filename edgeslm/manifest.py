@@ -1,0 +1,148 @@
+"""The package manifest (`edgeslm.json`): what a model package is and how to check it.
+
+A model package is a folder holding `model.onnx`, `tokenizer.json` and this manifest.
+The manifest makes the package self-describing (architecture, dimensions, special
+tokens, chat template, quantization, source) and verifiable: it records the sha256 of
+every file, and `Manifest.verify` checks them at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeslm.config import ModelConfig
+from edgeslm.errors import ModelFormatError, PackageIntegrityError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "edgeslm.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Special tokens the runtime needs.
+
+    Attributes:
+        bos_token_id: prepended when `add_bos_token` is set.
+        eos_token_ids: any of these ends a generation.
+        add_bos_token: whether plain prompts start with BOS.
+        pad_token_id: padding, when the model has one.
+    """
+
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    add_bos_token: bool = False
+    pad_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything `edgeslm.json` says about a package."""
+
+    config: ModelConfig
+    tokens: TokenSpec
+    quantization: str
+    graph: str
+    chat_template: str | None = None
+    source: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # --- reading and writing ------------------------------------------------------
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "format_version": self.format_version,
+            "graph": self.graph,
+            "quantization": self.quantization,
+            "config": self.config.to_dict(),
+            "tokens": asdict(self.tokens),
+            "chat_template": self.chat_template,
+            "source": self.source,
+            "files": self.files,
+        }
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def read(cls, package: Path) -> Manifest:
+        """Read `package/edgeslm.json`.
+
+        Raises:
+            ModelFormatError: missing, not JSON, or missing keys.
+        """
+        path = Path(package) / MANIFEST_NAME
+        if not path.is_file():
+            raise ModelFormatError(
+                f"{package}: no {MANIFEST_NAME}; is this an edgeslm package? "
+                "Create one with `edgeslm export SRC -o DIR`."
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            version = int(data["format_version"])
+            if version != FORMAT_VERSION:
+                raise ModelFormatError(
+                    f"{path}: format_version {version} is not supported "
+                    f"(this edgeslm reads {FORMAT_VERSION}); re-export the model"
+                )
+            tokens = data["tokens"]
+            return cls(
+                config=ModelConfig.from_dict(data["config"]),
+                tokens=TokenSpec(
+                    bos_token_id=tokens.get("bos_token_id"),
+                    eos_token_ids=tuple(tokens.get("eos_token_ids", ())),
+                    add_bos_token=bool(tokens.get("add_bos_token", False)),
+                    pad_token_id=tokens.get("pad_token_id"),
+                ),
+                quantization=data["quantization"],
+                graph=data["graph"],
+                chat_template=data.get("chat_template"),
+                source=dict(data.get("source", {})),
+                files=dict(data["files"]),
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFormatError(f"{path}: not valid JSON ({exc})") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ModelFormatError):
+                raise
+            raise ModelFormatError(f"{path}: malformed manifest ({exc!r})") from exc
+
+    def write(self, package: Path) -> None:
+        (Path(package) / MANIFEST_NAME).write_text(self.to_json(), encoding="utf-8")
+
+    # --- integrity ------------------------------------------------------------------
+
+    def verify(self, package: Path) -> None:
+        """Check every listed file exists and matches its sha256.
+
+        Raises:
+            PackageIntegrityError: naming the first file that is missing or differs.
+        """
+        for name, expected in self.files.items():
+            path = Path(package) / name
+            if not path.is_file():
+                raise PackageIntegrityError(
+                    f"{package}: file {name} listed in the manifest is missing; "
+                    "re-export the package"
+                )
+            actual = sha256_file(path)
+            if actual != expected:
+                raise PackageIntegrityError(
+                    f"{path}: sha256 mismatch (manifest {expected[:12]}…, file "
+                    f"{actual[:12]}…); the file is corrupted or was changed; re-export "
+                    "the package"
+                )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,358 @@
+"""The runtime model: an edgeslm package loaded into onnxruntime, and its generate loop.
+
+`Model` owns one onnxruntime session, one KV cache allocated for the whole context,
+a tokenizer and a chat template. A step binds the new token ids and the cache buffers
+(past and present are the same memory) and runs the graph; the C sampler picks the
+next token from the last position's logits.
+
+The cache remembers which tokens it holds, so a new prompt that starts with them
+(the next turn of a chat) only computes its new tokens. When the context is full, the
+oldest tokens after a kept prefix are dropped and the kept keys re-rotated.
+
+Not yet: batching several sequences; grammar-constrained decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeslm.chat_template import ChatTemplate
+from edgeslm.errors import EdgeSLMError, ModelFormatError
+from edgeslm.generation import Generation, GenerationStats, TextStream
+from edgeslm.kvcache import KVCache
+from edgeslm.manifest import Manifest
+from edgeslm.sampling import Sampler, SamplerSettings
+from edgeslm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_GRAPHS = ("llama-gqa-v1",)
+DEFAULT_CONTEXT = 4096
+
+
+class Model:
+    """A loaded model package.
+
+    Args:
+        package: folder made by `edgeslm export`.
+        n_threads: onnxruntime intra-op threads (default: all cores).
+        n_ctx: tokens the KV cache holds (default: the model's, at most 4096).
+        verify: check every file's sha256 against the manifest first.
+
+    Raises:
+        ModelFormatError: not a package, or made for a graph this version can't run.
+        PackageIntegrityError: a file is missing or fails its sha256.
+    """
+
+    def __init__(
+        self,
+        package: str | Path,
+        *,
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        verify: bool = True,
+    ) -> None:
+        started = time.perf_counter()
+        self.path = Path(package)
+        self.manifest = Manifest.read(self.path)
+        if self.manifest.graph not in SUPPORTED_GRAPHS:
+            raise ModelFormatError(
+                f"{self.path}: graph {self.manifest.graph!r} is not supported by this "
+                f"edgeslm (supports {SUPPORTED_GRAPHS}); re-export the model"
+            )
+        if verify:
+            self.manifest.verify(self.path)
+        self.config = self.manifest.config
+        self.tokenizer = Tokenizer.from_file(self.path / "tokenizer.json")
+        self.chat_template = ChatTemplate(
+            self.manifest.chat_template,
+            bos_token=self._token_text(self.manifest.tokens.bos_token_id),
+            eos_token=self._token_text(self._eos_ids[0] if self._eos_ids else None),
+        )
+        self.n_ctx = _check_n_ctx(n_ctx, self.config.max_seq_len)
+        self._session = _make_session(self.path / "model.onnx", n_threads)
+        self.cache = KVCache(
+            self.config.n_layers,
+            self.config.n_kv_heads,
+            self.n_ctx,
+            self.config.head_dim,
+            rope_theta=self.config.rope_theta,
+        )
+        self._tokens: list[int] = []  # what the cache holds, position by position
+        self._n_keep = 0  # tokens a context shift keeps
+        self._bind()
+        self.load_seconds = time.perf_counter() - started
+        log.debug("loaded %s in %.3f s", self.path, self.load_seconds)
+
+    # --- low level: one forward step ----------------------------------------------
+
+    def _bind(self) -> None:
+        """Bind every layer's past and present to the same cache buffers, once."""
+        import onnxruntime as ort
+
+        self._io = self._session.io_binding()
+        self._ort_cache = []  # keeps the OrtValues (and so the views) alive
+        for layer in range(self.config.n_layers):
+            for kind, view in (
+                ("key", self.cache.key(layer)),
+                ("value", self.cache.value(layer)),
+            ):
+                value = ort.OrtValue.ortvalue_from_numpy(view)
+                self._ort_cache.append(value)
+                self._io.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
+                self._io.bind_ortvalue_output(f"present.{layer}.{kind}", value)
+
+        # Logits of the last position, (1, vocab_size) float32, reused every step.
+        self._logits = np.zeros((1, self.config.vocab_size), dtype=np.float32)
+        self._io.bind_ortvalue_output(
+            "logits", ort.OrtValue.ortvalue_from_numpy(self._logits)
+        )
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Append tokens to the cache and return the logits after the last one.
+
+        Args:
+            token_ids: new tokens; they must fit in the free part of the context.
+
+        Returns:
+            `(vocab_size,)` float32 logits, a view overwritten by the next call.
+        """
+        n_new = len(token_ids)
+        total = self.cache.length + n_new
+        if n_new == 0 or total > self.n_ctx:
+            raise EdgeSLMError(
+                f"forward needs 1..{self.n_ctx - self.cache.length} tokens, got {n_new}"
+            )
+        self._io.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        self._io.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        self._io.bind_cpu_input(
+            "total_sequence_length", np.array(total, dtype=np.int32)
+        )
+        self._session.run_with_iobinding(self._io)
+        self.cache.advance(n_new)
+        self._tokens.extend(int(t) for t in token_ids)
+        return self._logits[0]
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the next prompt is computed from scratch)."""
+        self.cache.rewind(0)
+        self._tokens.clear()
+
+    # --- generation ----------------------------------------------------------------
+
+    def generate(
+        self, prompt: str | Sequence[int], *, stream: bool = False, **options: Any
+    ) -> Generation | Iterator[str]:
+        """Continue a prompt.
+
+        Args:
+            prompt: text, or token ids (used as they are).
+            stream: return an iterator of text chunks instead of a `Generation`.
+            **options: `max_tokens` (256), `stop` (strings), `ignore_eos`, `add_bos`
+                (default: the model's setting for text prompts), `keep` (tokens
+                kept when the context is full; default the whole first prompt up to
+                half the context), and sampling settings: `temperature` (0 = greedy,
+                the default), `top_k`, `top_p`, `min_p`, `repetition_penalty`,
+                `frequency_penalty`, `presence_penalty`, `seed`.
+
+        Raises:
+            ValueError: an option is out of range (the message names it).
+        """
+        ids = self._prompt_ids(prompt, options.pop("add_bos", None))
+        run = _Run(self, ids, options)
+        return run.chunks() if stream else run.result()
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        stream: bool = False,
+        **options: Any,
+    ) -> Generation | Iterator[str]:
+        """Answer the last message of a conversation, rendered by the chat template.
+
+        Consecutive calls with a growing conversation reuse the cache: only the new
+        messages are computed. Options are those of `generate`.
+        """
+        text = self.chat_template.render(messages, add_generation_prompt=True)
+        return self.generate(text, stream=stream, add_bos=False, **options)
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`, with BOS if the model wants it (or `add_bos`)."""
+        return self._prompt_ids(text, add_bos)
+
+    # --- helpers -------------------------------------------------------------------
+
+    @property
+    def _eos_ids(self) -> tuple[int, ...]:
+        return self.manifest.tokens.eos_token_ids
+
+    def _token_text(self, token_id: int | None) -> str:
+        if token_id is None:
+            return ""
+        return self.tokenizer.id_to_token(token_id) or ""
+
+    def _prompt_ids(
+        self, prompt: str | Sequence[int], add_bos: bool | None
+    ) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            bos = self.manifest.tokens.bos_token_id
+            if add_bos is None:
+                add_bos = self.manifest.tokens.add_bos_token
+            if add_bos and bos is not None and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids must be in [0, {self.config.vocab_size}), "
+                    f"got {bad[:5]}"
+                )
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token of text")
+        return ids
+
+
+class _Run:
+    """One generation: prefill with prefix reuse, then the token loop."""
+
+    def __init__(self, model: Model, ids: list[int], options: dict[str, Any]) -> None:
+        self.model = model
+        self.ids = ids
+        self.max_tokens = int(options.pop("max_tokens", 256))
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        self.ignore_eos = bool(options.pop("ignore_eos", False))
+        self.keep = options.pop("keep", None)
+        self.stream = TextStream(
+            model.tokenizer.incremental_decoder(), options.pop("stop", None) or ()
+        )
+        options.setdefault("temperature", 0.0)
+        try:
+            settings = SamplerSettings(**options)
+        except TypeError as exc:
+            known = ", ".join(f.name for f in dataclasses.fields(SamplerSettings))
+            raise ValueError(
+                f"unknown generation option in {sorted(options)}; sampling options "
+                f"are: {known}, plus max_tokens, stop, ignore_eos, add_bos, keep"
+            ) from exc
+        self.sampler = Sampler(settings, model.config.vocab_size)
+        # Penalties look at a window of recent tokens; pass no more than that.
+        window = settings.penalty_window or model.n_ctx
+        self.window = window if settings.penalties_active else 0
+        self.stats = GenerationStats(prompt_tokens=len(ids))
+        self.tokens: list[int] = []
+        self.finish_reason = "length"
+
+    def result(self) -> Generation:
+        for _ in self.chunks():
+            pass
+        return Generation(self.stream.text, self.tokens, self.finish_reason, self.stats)
+
+    def chunks(self) -> Iterator[str]:
+        logits = self._prefill()
+        decode_start = time.perf_counter()
+        while len(self.tokens) < self.max_tokens:
+            recent = self.model._tokens[-self.window :] if self.window else ()
+            token = self.sampler.sample(logits, recent_tokens=recent)
+            if token in self.model._eos_ids and not self.ignore_eos:
+                self.finish_reason = "eos"
+                break
+            self.tokens.append(token)
+            piece = self.stream.add(token)
+            if piece:
+                yield piece
+            if self.stream.stopped:
+                self.finish_reason = "stop"
+                break
+            if len(self.tokens) < self.max_tokens:
+                logits = self._step([token])
+        tail = self.stream.finish()
+        if tail:
+            yield tail
+        self.stats.generated_tokens = len(self.tokens)
+        self.stats.decode_seconds = time.perf_counter() - decode_start
+
+    def _prefill(self) -> np.ndarray:
+        """Process the prompt, reusing the longest cached prefix."""
+        model, ids = self.model, self.ids
+        if len(ids) >= model.n_ctx:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the context holds {model.n_ctx}; "
+                "shorten it or load the model with a larger n_ctx"
+            )
+        common = _common_prefix(model._tokens, ids)
+        common = min(common, len(ids) - 1)  # at least one token yields logits
+        model.cache.rewind(common)
+        del model._tokens[common:]
+        self.stats.reused_tokens = common
+        if common == 0:
+            # A fresh context: its first prompt (say, a system prompt) is what a
+            # context shift keeps, unless the caller said otherwise.
+            model._n_keep = min(self.keep or len(ids), model.n_ctx // 2)
+
+        started = time.perf_counter()
+        logits = model.forward(ids[common:])
+        self.stats.prompt_seconds = time.perf_counter() - started
+        return logits
+
+    def _step(self, token_ids: list[int]) -> np.ndarray:
+        model = self.model
+        if model.cache.length + len(token_ids) > model.n_ctx:
+            self._shift()
+        return model.forward(token_ids)
+
+    def _shift(self) -> None:
+        """Context full: keep a prefix, drop the oldest half of the rest."""
+        model = self.model
+        keep = model._n_keep
+        drop = max(1, (model.cache.length - keep) // 2)
+        log.debug("context full: keeping %d tokens, dropping %d", keep, drop)
+        model.cache.shift(keep, drop)
+        del model._tokens[keep : keep + drop]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _check_n_ctx(n_ctx: int | None, max_seq_len: int) -> int:
+    if n_ctx is None:
+        return min(max_seq_len, DEFAULT_CONTEXT)
+    if not 1 <= n_ctx <= max_seq_len:
+        raise ValueError(f"n_ctx must be in [1, {max_seq_len}], got {n_ctx}")
+    return int(n_ctx)
+
+
+def _make_session(path: Path, n_threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    threads = n_threads or os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelFormatError(f"{path}: onnxruntime cannot load it ({exc})") from exc

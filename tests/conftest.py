@@ -1,0 +1,49 @@
+"""Shared fixtures: where the reference data lives and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir() -> Path:
+    """The read-only reference data set (tokenizer vectors, intent suites).
+
+    It lies in `../shared/data` beside the checkout; `EDGESLM_SHARED_DATA` overrides.
+    A missing folder is an error, not a skip: CI always has it.
+    """
+    env = os.environ.get("EDGESLM_SHARED_DATA")
+    path = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    if not path.is_dir():
+        raise RuntimeError(
+            f"reference data not found at {path}; set EDGESLM_SHARED_DATA to the "
+            "shared/data folder"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return shared_data_dir()
+
+
+# --- figures that tests measure and the run reports -------------------------------
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """Call `report("name: value")` to list a measured figure after the run."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("edgeslm figures")
+        for line in _REPORT:
+            terminalreporter.write_line(line)

@@ -1,0 +1,111 @@
+"""The system under test: export an edgeslm package and time one generation.
+
+Like `_peers.py`, everything here imports edgeslm lazily and is meant to run in a
+worker subprocess (`_worker.py`), so that each measurement has its own process
+and its own peak RSS.
+
+Not done here: chat templates, sampling other than greedy, streaming.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def runtime_available() -> bool:
+    """True when `edgeslm.load` exists in this interpreter (the runtime has landed)."""
+    try:
+        import edgeslm
+    except ImportError:
+        return False
+    return callable(getattr(edgeslm, "load", None))
+
+
+def export_package(src: Path, dst: Path, dtype: str) -> dict[str, Any]:
+    """Export the checkpoint `src` to the package folder `dst` (replacing it)."""
+    from edgeslm.export import export_model
+
+    export_model(src, dst, dtype=dtype, overwrite=True)
+    files = [p for p in dst.rglob("*") if p.is_file()]
+    return {"path": str(dst), "bytes": sum(p.stat().st_size for p in files)}
+
+
+def tokenize(package: Path, text: str) -> dict[str, Any]:
+    """Token ids of `text` by the package's tokenizer, without special tokens."""
+    from edgeslm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(package / "tokenizer.json")
+    return {"ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
+def import_runtime() -> None:
+    """Import what a measurement needs before any model is loaded."""
+    import onnxruntime  # noqa: F401
+
+    import edgeslm.model  # noqa: F401
+
+
+def _generate(model: Any, prompt_ids: list[int], n_decode: int) -> dict[str, Any]:
+    """Prefill `prompt_ids`, then `n_decode` decode steps; greedy, no EOS stop.
+
+    `generate` is asked for n_decode + 1 tokens: the first comes from the prefill,
+    each further one costs one decode step, as in `_peers._generate`.
+    """
+    t0 = time.perf_counter()
+    gen = model.generate(
+        prompt_ids, max_tokens=n_decode + 1, temperature=0.0, ignore_eos=True
+    )
+    wall_s = time.perf_counter() - t0
+
+    # The whole prompt must have been computed (no prefix reuse from the warm-up)
+    # and every requested token made, or the timings mean something else.
+    stats = gen.stats
+    tokens = [int(t) for t in gen.tokens]
+    computed = stats.prompt_tokens - stats.reused_tokens
+    if computed != len(prompt_ids) or len(tokens) != n_decode + 1:
+        raise RuntimeError(
+            f"edgeslm computed {computed} prompt tokens and made {len(tokens)} "
+            f"tokens; expected {len(prompt_ids)} and {n_decode + 1}"
+        )
+    return {
+        "prompt_s": float(stats.prompt_seconds),
+        "decode_s": float(stats.decode_seconds),
+        "wall_s": wall_s,
+        "tokens": tokens,
+    }
+
+
+def measure(spec: dict[str, Any], rss_mb: Callable[[], float]) -> dict[str, Any]:
+    """One timed generation by edgeslm, after one untimed warm-up generation.
+
+    `spec` and `rss_mb` as in `_peers.measure`; `model` is the package folder.
+    """
+    import edgeslm
+
+    t0 = time.perf_counter()
+    model = edgeslm.load(
+        spec["model"], n_threads=int(spec["threads"]), n_ctx=int(spec["n_ctx"])
+    )
+    load_s = time.perf_counter() - t0
+
+    # Warm-up on a different prompt, then forget its cache (llama.cpp does too).
+    _generate(model, spec["warmup_ids"], int(spec["n_warmup_decode"]))
+    model.reset()
+    run = _generate(model, spec["prompt_ids"], int(spec["n_decode"]))
+    run.update(load_s=load_s, end_rss_mb=rss_mb())
+    return run
+
+
+def environment() -> dict[str, Any]:
+    """Versions of edgeslm and its inference engine, for the JSON report."""
+    import onnxruntime
+
+    import edgeslm
+
+    return {
+        "edgeslm": getattr(edgeslm, "__version__", "unknown"),
+        "onnxruntime": onnxruntime.__version__,
+    }
