@@ -47,3 +47,21 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("edgeslm figures")
         for line in _REPORT:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, shared_data) -> Path:
+    """A tiny random-weight Llama HF folder with the Llama SentencePiece vocabulary."""
+    from checkpoints import TINY_LLAMA, make_llama_folder
+
+    return make_llama_folder(
+        tmp_path_factory.mktemp("tiny-hf"), shared_data, **TINY_LLAMA
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tiny_folder) -> Path:
+    """The tiny model exported to an int8 package."""
+    from edgeslm.export import export_model
+
+    return export_model(tiny_folder, tmp_path_factory.mktemp("tiny-pkg") / "int8")
