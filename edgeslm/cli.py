@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat (default model if none given)")
     chat.add_argument("model", nargs="?", help="package, HF folder, .gguf or hub id")
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        help="restore the system prompt's KV cache from FILE (made on first use)",
+    )
     _add_generation_options(chat, default_temperature=0.7)
     chat.set_defaults(func=_cmd_chat)
 
@@ -141,6 +147,8 @@ def _load(name, args: argparse.Namespace):
 def _cmd_chat(args: argparse.Namespace) -> int:
     model = _load(args.model, args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt_cache:
+        _prompt_cache(model, messages, Path(args.prompt_cache))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"edgeslm chat with {model.path.name}. /reset starts over, Ctrl-D quits.")
@@ -162,6 +170,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
+
+
+def _prompt_cache(model, messages: list[dict], path: Path) -> None:
+    """Restore the conversation prefix's cache from `path`, or compute and save it."""
+    if path.is_file():
+        n = model.load_prompt_cache(path)
+        log.info("restored %d cached prompt tokens from %s", n, path)
+        return
+
+    # The prefix every conversation shares: where two different first turns diverge.
+    a = model.chat_template.render([*messages, {"role": "user", "content": "a"}])
+    b = model.chat_template.render([*messages, {"role": "user", "content": "b"}])
+    ids = model.tokenize(os.path.commonprefix([a, b]), add_bos=False)
+    model.forward(ids[:-1] or ids)
+    model.save_prompt_cache(path)
+    log.info("saved %d prompt tokens to %s", len(ids), path)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

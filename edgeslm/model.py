@@ -141,6 +141,43 @@ class Model:
         self._tokens.extend(int(t) for t in token_ids)
         return self._logits[0]
 
+    def save_prompt_cache(self, path: str | Path) -> int:
+        """Save what the cache holds (keys, values, tokens) for a later instant start.
+
+        Returns:
+            The number of tokens saved.
+        """
+        self.cache.save(path, self._tokens)
+        return len(self._tokens)
+
+    def load_prompt_cache(self, path: str | Path) -> int:
+        """Restore a cache saved by `save_prompt_cache` with this model.
+
+        The next prompt that starts with the restored tokens only computes the rest.
+
+        Returns:
+            The number of tokens restored.
+
+        Raises:
+            ModelFormatError: not a cache file, or one made for other dimensions.
+        """
+        loaded, tokens = KVCache.load(path, max_seq_len=self.n_ctx)
+        mine = (self.cache.n_layers, self.cache.n_kv_heads, self.cache.head_dim)
+        theirs = (loaded.n_layers, loaded.n_kv_heads, loaded.head_dim)
+        if mine != theirs or loaded.rope_theta != self.cache.rope_theta:
+            raise ModelFormatError(
+                f"{path}: prompt cache made for another model (layers, kv heads, "
+                f"head_dim {theirs}; this model has {mine}); delete it to rebuild"
+            )
+        # TODO: record a model fingerprint in the file; same-shaped models still mix.
+        n = loaded.length
+        self.cache.rewind(0)
+        self.cache.data[:, :, :, :n] = loaded.data[:, :, :, :n]
+        self.cache.advance(n)
+        self._tokens = [int(t) for t in tokens]
+        self._n_keep = n
+        return n
+
     def reset(self) -> None:
         """Forget the cached tokens (the next prompt is computed from scratch)."""
         self.cache.rewind(0)

@@ -103,7 +103,7 @@ def _embedding(b: GraphBuilder, ckpt: Checkpoint):
         table = b.const("embed.weight", weight)
         return b.op("Gather", table, "input_ids", axis=0), None
 
-    # (vocab, n_blocks, 32) uint8 rows -> float, minus the zero point, times scales.
+    # (vocab, n_blocks, block) uint8 rows -> float, minus the zero point, times scales.
     q = quantize_int8_blocks(weight, b.block_size)
     data = b.const("embed.qweight", q.data)
     scales = b.const("embed.scales", q.scales)

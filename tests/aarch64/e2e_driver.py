@@ -1,28 +1,39 @@
-"""End-to-end check of emulated aarch64 runs against the host: driver for .ci/aarch64.sh.
+"""End-to-end check of emulated aarch64 runs against the host, for .ci/aarch64.sh.
 
 Not a pytest module (pytest collects `test_*.py` only). One file serves both sides:
 
     make-packages  (host)  a tiny random-weight Llama saved as a Hugging Face folder
-                           with a real SentencePiece tokenizer, exported by
-                           `edgeslm.export.export_model` as int8 and fp32 packages
-    generate       (host or emulated aarch64)  greedy `generate("hello")` on each
-                           package, plus the logits of every step with the host's
-                           tokens fed back (teacher forcing), written to a folder
-    compare        (host)  one emulated run against the host run: generated tokens
-                           must be equal, logits close
+                           with the llama SentencePiece tokenizer, exported with
+                           `edgeslm.export.export_model` as int8 and fp32 packages,
+                           plus `int8-fp32compute`: the int8 package with its
+                           MatMulNBits nodes set to accuracy_level 1 (fp32 compute)
+    generate       (host or emulated)  greedy `generate("hello")` on each package,
+                           and the logits of every step with the reference tokens
+                           fed back (teacher forcing), into a result folder
+    check-host     (host)  the reference is decisive enough to compare against
+    compare        (host)  one emulated run against the host run
 
-Why teacher forcing: the generated tokens are the contract, but when they differ the
-logits of the same positions say by how much, and they stay comparable after the first
-difference. The logits are saved as .npy (float32); `compare` prints the largest
-difference per package so drift shows up in CI logs before it flips a token.
+What is compared, and why two int8 references: onnxruntime runs an int8 package's
+MatMulNBits (accuracy_level 4) with int8-quantized activations and integer dot
+products where it has a kernel for that: x86-64 and ARMv8.2 with dotprod (Pi 5,
+Cortex-A76). On ARMv8.0 (Pi 4, Cortex-A72) it has none and computes in fp32 from the
+dequantized weights instead, which moves logits by up to ~1e-2 of their range: a
+legitimate difference of algorithm, not an emulation error. So an emulated int8 run
+must equal (tokens) and match within LOGIT_TOLERANCE (logits) the host run of the same
+computation: `int8` or `int8-fp32compute`; `compare` says which one it matched. fp32
+runs must match the host's fp32 run. The tiny model is initialised with a large
+weight scale so that its greedy choices are decisive (check-host enforces a margin),
+which keeps token equality meaningful instead of flaky.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,13 +42,17 @@ log = logging.getLogger("edgeslm.aarch64")
 
 PROMPT = "hello"
 MAX_TOKENS = 8
-DTYPES = ("int8", "fp32")
-# Largest allowed |emulated - host| on any teacher-forced logit. fp32 graphs differ
-# only in summation order between x86 and aarch64 kernels; int8 (MatMulNBits with
-# int8 activations) also in how each platform rounds the quantized activations.
-LOGIT_TOLERANCE = {"fp32": 1e-4, "int8": 2e-2}
+# Largest allowed |emulated - host| over all teacher-forced logits (they span about
+# +-40 here). Same computation, other platform: ~2e-4 at most (summation order).
+# The other int8 computation: ~0.8. The gap makes the classification unambiguous.
+LOGIT_TOLERANCE = 1e-3
+# check-host: smallest allowed gap between the best and second-best logit of the
+# host's greedy steps, far above any cross-platform difference of the same
+# computation.
+MIN_TOP1_MARGIN = 0.05
 # The tiny model: small enough to run emulated in seconds, real enough (GQA, tied
-# embeddings, the llama SentencePiece vocabulary of 32000 tokens).
+# embeddings, 32000-token vocabulary); a large initializer range makes the logits
+# decisive (the default 0.02 leaves near-ties of ~1e-4 and repeats one token).
 TINY_LLAMA = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -47,25 +62,31 @@ TINY_LLAMA = dict(
     max_position_embeddings=256,
     tie_word_embeddings=True,
     rms_norm_eps=1e-6,
+    initializer_range=1.0,
 )
 SEED = 1234
 GGUF_VOCAB = "tokenizers/ggml-vocab-llama-spm.gguf"
+PACKAGES = ("int8", "fp32")  # what both sides run
+FP32_COMPUTE = "int8-fp32compute"  # host-only reference for CPUs without int8 kernels
+FEED_FROM = {FP32_COMPUTE: "int8"}  # whose tokens a package is teacher-forced with
 
 
 # --------------------------------------------------------------------------- host
 
 
 def make_packages(shared_data: Path, out: Path) -> None:
-    """Writes out/hf (the source folder) and out/pkg-int8, out/pkg-fp32."""
+    """Writes out/hf (the source folder) and out/pkg-<name> for every package."""
     import gguf
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     from edgeslm.export import export_model
     from edgeslm.export.tokenizer_build import tokenizer_from_gguf
 
     hf = out / "hf"
-    hf.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(hf, ignore_errors=True)
+    hf.mkdir(parents=True)
     info = tokenizer_from_gguf(gguf.GGUFReader(shared_data / GGUF_VOCAB), hf)
     vocab = json.loads((hf / "tokenizer.json").read_text())["model"]["vocab"]
     (hf / "tokenizer_config.json").write_text(
@@ -77,6 +98,7 @@ def make_packages(shared_data: Path, out: Path) -> None:
             }
         )
     )
+    transformers_logging.disable_progress_bar()
     torch.manual_seed(SEED)
     config = LlamaConfig(
         vocab_size=len(vocab),
@@ -84,11 +106,35 @@ def make_packages(shared_data: Path, out: Path) -> None:
         eos_token_id=info.eos_token_id,
         **TINY_LLAMA,
     )
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(hf, safe_serialization=True)
-    for dtype in DTYPES:
+    LlamaForCausalLM(config).eval().save_pretrained(hf, safe_serialization=True)
+    for dtype in PACKAGES:
         export_model(hf, out / f"pkg-{dtype}", dtype=dtype, overwrite=True)
+    _fp32_compute_copy(out / "pkg-int8", out / f"pkg-{FP32_COMPUTE}")
     log.info("packages written to %s (vocab %d)", out, len(vocab))
+
+
+def _fp32_compute_copy(src: Path, dst: Path) -> None:
+    """Copies an int8 package with every MatMulNBits set to accuracy_level 1."""
+    import onnx
+
+    from edgeslm.manifest import Manifest, sha256_file
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "model.onnx"))
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.i = 1
+                    changed += 1
+    if not changed:
+        raise RuntimeError(f"{src}: no MatMulNBits accuracy_level to change")
+    onnx.save_model(model, str(dst / "model.onnx"))
+    manifest = Manifest.read(dst)
+    files = {**manifest.files, "model.onnx": sha256_file(dst / "model.onnx")}
+    dataclasses.replace(manifest, files=files).write(dst)
 
 
 # --------------------------------------------------------------------------- both
@@ -98,10 +144,10 @@ def generate(packages: list[Path], out: Path, teacher: Path | None) -> None:
     """Greedy generation and per-step logits for each package, into folder out.
 
     Args:
-        packages: package folders; each is named by its manifest's quantization.
-        out: folder for result.json and <dtype>-logits.npy.
-        teacher: a host result folder whose tokens are fed back for the logits;
-            None feeds back this run's own tokens (the host does that).
+        packages: package folders named pkg-<name>; results are keyed by <name>.
+        out: folder for result.json and <name>-logits.npy.
+        teacher: the host's result folder, whose tokens are fed back for the
+            logits; None feeds back this run's own tokens (the host does that).
     """
     import numpy as np
 
@@ -109,17 +155,17 @@ def generate(packages: list[Path], out: Path, teacher: Path | None) -> None:
     from edgeslm import _kernel
 
     out.mkdir(parents=True, exist_ok=True)
-    reference = _read_result(teacher) if teacher else None
     result = {
         "machine": platform.machine(),
         "python": platform.python_version(),
         "kernel": _kernel.simd_name() or "numpy",
         "packages": {},
     }
+    reference = _read_result(teacher) if teacher else result
     for package in packages:
+        name = package.name.removeprefix("pkg-")
         started = time.perf_counter()
         model = edgeslm.load(package, n_threads=1)
-        dtype = _dtype_of(model)
         gen = model.generate(PROMPT, max_tokens=MAX_TOKENS, temperature=0)
         tokens = [int(t) for t in gen.tokens]
 
@@ -128,32 +174,24 @@ def generate(packages: list[Path], out: Path, teacher: Path | None) -> None:
         bos = model.manifest.tokens.bos_token_id
         if model.manifest.tokens.add_bos_token and bos is not None:
             prompt_ids = [bos, *prompt_ids]
-        fed = reference["packages"][dtype]["tokens"] if reference else tokens
+        fed = reference["packages"][FEED_FROM.get(name, name)]["tokens"]
         model.reset()
         rows = [model.forward(prompt_ids).copy()]
         for token in fed[:-1]:
             rows.append(model.forward([token]).copy())
         logits = np.stack(rows).astype(np.float32)
-        np.save(out / f"{dtype}-logits.npy", logits)
+        np.save(out / f"{name}-logits.npy", logits)
         top2 = np.sort(logits, axis=1)[:, -2:]
-        result["packages"][dtype] = {
+        result["packages"][name] = {
             "prompt_ids": [int(t) for t in prompt_ids],
             "tokens": tokens,
             "text": gen.text,
             "finish_reason": gen.finish_reason,
-            "argmax": [int(i) for i in logits.argmax(axis=1)],
             "min_top1_margin": float((top2[:, 1] - top2[:, 0]).min()),
             "seconds": round(time.perf_counter() - started, 2),
         }
-        log.info(
-            "%s: %s %r (%.1f s)", dtype, tokens, gen.text, time.perf_counter() - started
-        )
+        log.info("%s: %s %r", name, tokens, gen.text)
     (out / "result.json").write_text(json.dumps(result, indent=1))
-
-
-def _dtype_of(model) -> str:
-    quantization = model.manifest.quantization
-    return "fp32" if quantization == "fp32" else "int8"
 
 
 def _read_result(folder: Path) -> dict:
@@ -163,42 +201,71 @@ def _read_result(folder: Path) -> dict:
 # --------------------------------------------------------------------------- host
 
 
-def compare(host: Path, emulated: Path, label: str) -> int:
+def check_host(host: Path) -> int:
+    """Returns 0 when the host reference is decisive and self-consistent."""
+    ref = _read_result(host)["packages"]
+    problems = []
+    for name in (*PACKAGES, FP32_COMPUTE):
+        if len(ref[name]["tokens"]) != MAX_TOKENS:
+            problems.append(f"{name} stopped after {len(ref[name]['tokens'])} tokens")
+        if ref[name]["min_top1_margin"] < MIN_TOP1_MARGIN:
+            problems.append(
+                f"{name} has a near-tie (top-1 margin "
+                f"{ref[name]['min_top1_margin']:.2g} < {MIN_TOP1_MARGIN})"
+            )
+    if ref[FP32_COMPUTE]["tokens"] != ref["int8"]["tokens"]:
+        problems.append("int8 tokens depend on the compute type")
+    for problem in problems:
+        print(f"aarch64: host reference: FAIL {problem}; change SEED or TINY_LLAMA")
+    if not problems:
+        print(
+            f"aarch64: host reference: ok (int8 {ref['int8']['tokens']}, fp32 "
+            f"{ref['fp32']['tokens']}, {ref['int8']['text']!r})"
+        )
+    return len(problems)
+
+
+def compare(host: Path, emulated: Path, label: str, kernel: str) -> int:
     """Prints one line per package; returns the number of failed checks."""
     import numpy as np
 
     want, got = _read_result(host), _read_result(emulated)
-    if got["machine"] != "aarch64":
-        print(f"aarch64: {label}: FAIL the emulated run reports {got['machine']}")
-        return 1
     failures = 0
-    for dtype, ref in want["packages"].items():
-        run = got["packages"].get(dtype)
+    if got["machine"] != "aarch64" or got["kernel"] != kernel:
+        print(
+            f"aarch64: {label}: FAIL ran on {got['machine']} with kernel "
+            f"{got['kernel']!r} (want aarch64, {kernel!r})"
+        )
+        failures += 1
+    for name in PACKAGES:
+        run = got["packages"].get(name)
         if run is None:
-            print(f"aarch64: {label} {dtype}: FAIL no emulated result")
+            print(f"aarch64: {label} {name}: FAIL no emulated result")
             failures += 1
             continue
-        diff = float(
-            np.abs(
-                np.load(emulated / f"{dtype}-logits.npy")
-                - np.load(host / f"{dtype}-logits.npy")
-            ).max()
-        )
+        logits = np.load(emulated / f"{name}-logits.npy")
+        # Host computations this run may legitimately equal (see the module doc).
+        candidates = [name] + ([FP32_COMPUTE] if name == "int8" else [])
+        diffs = {
+            c: float(np.abs(logits - np.load(host / f"{c}-logits.npy")).max())
+            for c in candidates
+        }
+        matched = min(diffs, key=diffs.get)
+        ref = want["packages"][matched]
         problems = []
         if run["prompt_ids"] != ref["prompt_ids"]:
             problems.append(f"prompt ids {run['prompt_ids']} != {ref['prompt_ids']}")
         if run["tokens"] != ref["tokens"]:
             problems.append(f"tokens {run['tokens']} != host {ref['tokens']}")
-        if run["argmax"] != ref["argmax"]:
-            problems.append("teacher-forced argmax differs")
-        if not diff <= LOGIT_TOLERANCE[dtype]:
-            problems.append(f"max logit diff {diff:.3g} > {LOGIT_TOLERANCE[dtype]}")
+        if not diffs[matched] <= LOGIT_TOLERANCE:
+            shown = ", ".join(f"{c} {d:.3g}" for c, d in diffs.items())
+            problems.append(
+                f"logits match no host run within {LOGIT_TOLERANCE} ({shown})"
+            )
         status = "FAIL " + "; ".join(problems) if problems else "ok"
         print(
-            f"aarch64: {label} {dtype}: {status} (tokens {run['tokens']}, "
-            f"max |logit diff| {diff:.2e}, host min top-1 margin "
-            f"{ref['min_top1_margin']:.3f}, kernel {got['kernel']}, "
-            f"{run['seconds']} s)"
+            f"aarch64: {label} {name}: {status} (tokens {run['tokens']}; matches host "
+            f"{matched} to {diffs[matched]:.1e}; {run['seconds']} s)"
         )
         failures += bool(problems)
     return failures
@@ -213,23 +280,29 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate")
     p.add_argument("--package", type=Path, action="append", required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--teacher", type=Path, help="host result folder")
+    p.add_argument("--teacher", type=Path, help="the host's result folder")
+    p = sub.add_parser("check-host")
+    p.add_argument("--host", type=Path, required=True)
     p = sub.add_parser("compare")
     p.add_argument("--host", type=Path, required=True)
     p.add_argument("--emulated", type=Path, required=True)
     p.add_argument("--label", default="e2e")
+    p.add_argument("--kernel", default="neon", help="expected esl_simd_name()")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="aarch64: %(message)s", stream=sys.stderr
+        level=logging.INFO, format="aarch64:   %(message)s", stream=sys.stderr
     )
-    logging.getLogger("edgeslm.export").setLevel(logging.WARNING)
+    for noisy in ("edgeslm.export", "edgeslm.model", "edgeslm.chat_template"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "make-packages":
         make_packages(args.shared_data, args.out)
         return 0
     if args.command == "generate":
         generate(args.package, args.out, args.teacher)
         return 0
-    return 1 if compare(args.host, args.emulated, args.label) else 0
+    if args.command == "check-host":
+        return 1 if check_host(args.host) else 0
+    return 1 if compare(args.host, args.emulated, args.label, args.kernel) else 0
 
 
 if __name__ == "__main__":

