@@ -116,6 +116,19 @@ class Model:
             "logits", ort.OrtValue.ortvalue_from_numpy(self._logits)
         )
 
+        # Step inputs live in fixed buffers bound once; a decode step only writes
+        # three integers. A prompt of several tokens binds its own ids buffer.
+        self._seqlens = np.zeros(1, dtype=np.int32)  # (1,) cache length - 1
+        self._total = np.zeros((), dtype=np.int32)  # () cache length
+        self._one_id = np.zeros((1, 1), dtype=np.int64)  # (1, 1) decode token
+        self._step_inputs = [
+            ort.OrtValue.ortvalue_from_numpy(a)
+            for a in (self._seqlens, self._total, self._one_id)
+        ]
+        self._io.bind_ortvalue_input("seqlens_k", self._step_inputs[0])
+        self._io.bind_ortvalue_input("total_sequence_length", self._step_inputs[1])
+        self._ids_bound_one = False
+
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Append tokens to the cache and return the logits after the last one.
 
@@ -131,11 +144,17 @@ class Model:
             raise EdgeSLMError(
                 f"forward needs 1..{self.n_ctx - self.cache.length} tokens, got {n_new}"
             )
-        self._io.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
-        self._io.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
-        self._io.bind_cpu_input(
-            "total_sequence_length", np.array(total, dtype=np.int32)
-        )
+        if n_new == 1:
+            self._one_id[0, 0] = token_ids[0]
+            if not self._ids_bound_one:
+                self._io.bind_ortvalue_input("input_ids", self._step_inputs[2])
+                self._ids_bound_one = True
+        else:
+            ids = np.asarray([token_ids], dtype=np.int64)
+            self._io.bind_cpu_input("input_ids", ids)
+            self._ids_bound_one = False
+        self._seqlens[0] = total - 1
+        self._total[...] = total
         self._session.run_with_iobinding(self._io)
         self.cache.advance(n_new)
         self._tokens.extend(int(t) for t in token_ids)

@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeslm.errors import EdgeSLMError
 from edgeslm.manifest import Manifest, TokenSpec, sha256_file
 
 log = logging.getLogger(__name__)
@@ -22,6 +21,7 @@ log = logging.getLogger(__name__)
 DTYPES = ("int8", "fp32")
 GRAPH_KINDS = {"llama": "llama-gqa-v1"}
 MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -78,6 +78,10 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         _write_package(ckpt, tmp, dtype, block_size)
+        # mkdtemp made the folder private; a package is as readable as any file.
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -98,12 +102,17 @@ def _write_package(ckpt, folder: Path, dtype: str, block_size: int) -> None:
 
     info = ckpt.write_tokenizer(folder)
     model = build_llama(ckpt, dtype, progress, block_size=block_size)
-    log.info("  writing %s", MODEL_FILE)
-    if model.ByteSize() > 1_800_000_000:
-        raise EdgeSLMError(
-            "model over 1.8 GB does not fit one ONNX file; not supported yet"
-        )
-    onnx.save_model(model, str(folder / MODEL_FILE))
+    # Weights go to one external data file: onnxruntime maps it instead of parsing
+    # it out of a protobuf, which loads faster and peaks lower.
+    log.info("  writing %s and %s", MODEL_FILE, WEIGHTS_FILE)
+    onnx.save_model(
+        model,
+        str(folder / MODEL_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS_FILE,
+        size_threshold=1024,
+    )
 
     # Special tokens: every id that should end a generation.
     eos = [info.eos_token_id] if info.eos_token_id is not None else []
@@ -121,7 +130,8 @@ def _write_package(ckpt, folder: Path, dtype: str, block_size: int) -> None:
         chat_template=info.chat_template,
         source=ckpt.source,
         files={
-            name: sha256_file(folder / name) for name in (MODEL_FILE, TOKENIZER_FILE)
+            name: sha256_file(folder / name)
+            for name in (MODEL_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
         },
     )
     manifest.write(folder)

@@ -161,6 +161,7 @@ def generate(packages: list[Path], out: Path, teacher: Path | None) -> None:
         "kernel": _kernel.simd_name() or "numpy",
         "packages": {},
     }
+    # Without a teacher (on the host), FEED_FROM refers to packages of this run.
     reference = _read_result(teacher) if teacher else result
     for package in packages:
         name = package.name.removeprefix("pkg-")
@@ -174,7 +175,11 @@ def generate(packages: list[Path], out: Path, teacher: Path | None) -> None:
         bos = model.manifest.tokens.bos_token_id
         if model.manifest.tokens.add_bos_token and bos is not None:
             prompt_ids = [bos, *prompt_ids]
-        fed = reference["packages"][FEED_FROM.get(name, name)]["tokens"]
+        source = FEED_FROM.get(name, name)
+        if teacher is None and source == name:
+            fed = tokens  # the host feeds back its own tokens
+        else:
+            fed = reference["packages"][source]["tokens"]
         model.reset()
         rows = [model.forward(prompt_ids).copy()]
         for token in fed[:-1]:
