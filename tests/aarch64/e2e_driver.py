@@ -121,7 +121,8 @@ def _fp32_compute_copy(src: Path, dst: Path) -> None:
 
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
-    model = onnx.load(str(dst / "model.onnx"))
+    # The weights stay in the package's external data file, shared and unchanged.
+    model = onnx.load(str(dst / "model.onnx"), load_external_data=False)
     changed = 0
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
