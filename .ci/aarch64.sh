@@ -60,6 +60,13 @@ die() {
     exit 1
 }
 
+for cpu in $CPUS; do
+    case "$cpu" in
+    cortex-a72 | cortex-a76) ;;
+    *) die "unsupported CPU $cpu in EDGESLM_AARCH64_CPUS (known: cortex-a72, cortex-a76)" ;;
+    esac
+done
+
 mkdir -p "$WORK"
 exec 9>"$WORK/.lock"
 flock 9 # one run at a time per work folder
@@ -184,7 +191,36 @@ write_cpuinfo() {
     mv "$ROOT/proc/cpuinfo.new" "$ROOT/proc/cpuinfo"
 }
 
-# --- 3. aarch64 wheels, pinned to the host's versions -----------------------------------
+# --- 3. host packages: the runtime, the export extras and torch/transformers ---------
+
+# .ci/run installs them (test extras); any that are missing are installed here with
+# pyproject.toml's specifiers. They come first: the aarch64 wheels copy their versions.
+missing=$(cd "$REPO" && "$PY" -c '
+import re
+import tomllib
+from importlib import metadata
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+wanted = {"torch", "transformers", "onnx", "gguf", "safetensors", "numpy",
+          "onnxruntime", "tokenizers", "jinja2"}
+specs = list(project["dependencies"])
+for extra in project["optional-dependencies"].values():
+    specs += extra
+for spec in specs:
+    name = re.match(r"[A-Za-z0-9_.-]+", spec).group(0)
+    if name.lower() in wanted:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            print(spec)
+')
+if [ -n "$missing" ]; then
+    log "installing host packages for the model export: $(echo "$missing" | xargs)"
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --disable-pip-version-check $missing
+fi
+
+# --- 4. aarch64 wheels, pinned to the host's versions -----------------------------------
 
 # shellcheck disable=SC2086
 requirements=$("$PY" -c '
@@ -219,7 +255,7 @@ if [ "$(cat "$SITE/.edgeslm-stamp" 2>/dev/null)" != "$requirements" ]; then
     mv "$SITE.new" "$SITE"
 fi
 
-# --- 4. the kernel, cross-compiled for ARMv8.0 with setup.py's sources and flags --------
+# --- 5. the kernel, cross-compiled for ARMv8.0 with setup.py's sources and flags --------
 
 setup_list() { # prints a list that setup.py assigns at its top level
     (cd "$REPO" && "$PY" -c '
@@ -251,38 +287,10 @@ if aarch64-linux-gnu-objdump -d "$BUILD/_edgeslm_kernel.so" |
     die "the kernel uses ARMv8.2+ dot-product instructions; a Pi 4 cannot run it"
 fi
 
-# --- 5. host reference: the tiny model packages and the host's generation ---------------
+# --- 6. host reference: the tiny model packages and the host's generation ---------------
 
 [ -f "$SHARED/tokenizers/ggml-vocab-llama-spm.gguf" ] ||
     die "shared data not found at $SHARED (set EDGESLM_SHARED_DATA)"
-# Making the model needs the export extras and torch/transformers (test extras),
-# which .ci/run installs; any that are missing are installed here, with the
-# specifiers of pyproject.toml.
-missing=$(cd "$REPO" && "$PY" -c '
-import re
-import tomllib
-from importlib import metadata
-
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-wanted = {"torch", "transformers", "onnx", "gguf", "safetensors", "numpy",
-          "onnxruntime", "tokenizers", "jinja2"}
-specs = list(project["dependencies"])
-for extra in project["optional-dependencies"].values():
-    specs += extra
-for spec in specs:
-    name = re.match(r"[A-Za-z0-9_.-]+", spec).group(0)
-    if name.lower() in wanted:
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            print(spec)
-')
-if [ -n "$missing" ]; then
-    log "installing host packages for the model export: $(echo "$missing" | xargs)"
-    # shellcheck disable=SC2086
-    "$PY" -m pip install -q --disable-pip-version-check $missing
-fi
-
 host_env=(env PYTHONPATH="$REPO" EDGESLM_KERNEL=numpy)
 model_key=$(
     cd "$REPO"
@@ -307,7 +315,7 @@ rm -rf "$HOST_RUN"
 "$PY" "$DRIVER" check-host --host "$HOST_RUN" || die "the host reference is unusable"
 log "setup done in $((SECONDS - STARTED)) s"
 
-# --- 6. under each emulated CPU ---------------------------------------------------------
+# --- 7. under each emulated CPU ---------------------------------------------------------
 
 SUMMARY=()
 FAILED=0
@@ -338,7 +346,7 @@ for cpu in $CPUS; do
     log "[$cpu] kernel self-test (static, both SIMD levels)"
     t=$SECONDS
     rc=0
-    timeout 600 "$QEMU" -cpu "$cpu" "$BUILD/selftest" >"$out/selftest.log" 2>&1 || rc=$?
+    timeout 300 "$QEMU" -cpu "$cpu" "$BUILD/selftest" >"$out/selftest.log" 2>&1 || rc=$?
     cat "$out/selftest.log"
     if [ "$rc" = 0 ]; then
         record ok "$cpu  self-test: $(xargs <"$out/selftest.log") ($((SECONDS - t)) s)"
@@ -349,7 +357,7 @@ for cpu in $CPUS; do
     log "[$cpu] kernel tests: emulated pytest, EDGESLM_KERNEL=c, the cross-built library"
     t=$SECONDS
     rc=0
-    (cd "$REPO" && timeout 1800 "${emu_env[@]}" "$EMU_PY" -m pytest \
+    (cd "$REPO" && timeout 900 "${emu_env[@]}" "$EMU_PY" -m pytest \
         -p no:cacheprovider -q -o addopts= -rfE "${DESELECT[@]}" \
         tests/test_sampler.py tests/test_kvcache.py) 2>&1 | tee "$out/pytest.log" || rc=$?
     counts=$(grep -E '[0-9]+ (passed|failed|errors?)\b' "$out/pytest.log" | tail -n1 |
@@ -363,7 +371,7 @@ for cpu in $CPUS; do
     log "[$cpu] end-to-end generation, emulated, against the host's"
     t=$SECONDS
     rc=0
-    timeout 900 "${emu_env[@]}" "$EMU_PY" "$DRIVER" generate --out "$out/e2e" \
+    timeout 600 "${emu_env[@]}" "$EMU_PY" "$DRIVER" generate --out "$out/e2e" \
         --teacher "$HOST_RUN" --package "$MODEL/pkg-int8" --package "$MODEL/pkg-fp32" ||
         rc=$?
     if [ "$rc" = 0 ]; then

@@ -10,6 +10,9 @@
  *   r = mulhi64(rng_next(), sum of kept q).
  * Per-call work is O(vocab) streaming passes (SIMD where available) plus selection over
  * small candidate sets; nothing is allocated after esl_sampler_init.
+ * Without top-k, a bound pass usually replaces the exact softmax over the whole vocabulary:
+ * tokens with t >= -12 get exact masses, the rest only integer bounds on their sum, and the
+ * exact path runs only when those bounds cannot decide the token (docs/SAMPLING.md).
  */
 #include "edgeslm_kernel.h"
 #include "esl_internal.h"
@@ -24,6 +27,17 @@
 #define ESL_ROUND_MAGIC_F 12582912.0f        /* 1.5 * 2^23 */
 #define ESL_ROUND_MAGIC_D 6755399441055744.0 /* 1.5 * 2^52 */
 #define ESL_LOG2E 0x1.71547652b82fep+0
+
+/* Bound pass (no top-k). ts = (x - max) * (c * 2^23) = t * 2^23 exactly. Candidates: t >= -12.
+ * Every other token has q <= ESL_BULK_QMAX and, with r = esl__bulk_r(ts),
+ * floor(r * ESL_BULK_LO_NUM / 2^16) - 1 <= q <= r + (r >> 12) + 1; tests/test_sampler.py
+ * checks both for every float32 t in [-32, -12) (t below -32 is clamped to -32). */
+#define ESL_BULK_TS_THETA (-100663296.0f) /* -12 * 2^23 */
+#define ESL_BULK_TS_MIN (-268435456.0f)   /* -32 * 2^23 */
+#define ESL_BULK_BIAS (157 << 23)         /* float exponent bias 127, plus 30 */
+#define ESL_BULK_QMAX (UINT32_C(1) << 18)
+#define ESL_BULK_LO_NUM 61600u            /* just below 2^16 / 1.06149 */
+#define ESL_BULK_BLOCK 256                /* tokens per block of bulk sums */
 
 /* exp2(f) on [-0.5, 0.5], c0 = 1; keep equal to _EXP2_POLY in edgeslm/sampling.py. */
 #define ESL_P1 0x1.62e426p-1f
@@ -42,6 +56,10 @@ struct esl_sampler {
     uint64_t *keys;   /* [vocab] selection keys */
     uint32_t *counts; /* [vocab] penalty counts; all zero between calls */
     float *bmax;      /* [vocab / 8 + 1] block maxima for the top-k prefilter */
+    int32_t cap;      /* most candidates the bound pass takes: vocab / 16 + 64 */
+    float *xc;        /* [cap] candidate logits, compacted */
+    uint32_t *qc;     /* [cap] their masses */
+    uint64_t *bsum;   /* [vocab / ESL_BULK_BLOCK + 1] per-block sums of the bulk bound r */
 };
 
 /* ------------------------------------------------------------------------------------ */
@@ -159,6 +177,54 @@ static uint64_t esl__sum_q_c(const uint32_t *q, int32_t n)
     return z;
 }
 
+/* Returns the bulk bound r of a token with ts < ESL_BULK_TS_THETA (ts = t * 2^23, t < -12):
+ * r = rint(S), S = 2^(floor(t) + 30) * (1 + t - floor(t)), the chord of 2^(t + 30) between
+ * consecutive integers (so 2^(t + 30) <= S <= 1.06149 * 2^(t + 30)). Here ts is an integer
+ * (ulp(t) >= 2^-20), so the conversion is exact; S is built from its bits. */
+static uint32_t esl__bulk_r(float ts)
+{
+    int32_t bits;
+    float v;
+    ts = ts < ESL_BULK_TS_MIN ? ESL_BULK_TS_MIN : ts; /* -inf too; S(-32) = 0.25, r = 0 */
+    bits = (int32_t)ts + ESL_BULK_BIAS;
+    memcpy(&v, &bits, sizeof v);
+    return (uint32_t)(((double)v + ESL_ROUND_MAGIC_D) - ESL_ROUND_MAGIC_D);
+}
+
+/* One token of the bound pass: appends i to cand if ts >= ESL_BULK_TS_THETA, else adds its
+ * bulk bound to *z. Returns 0, or -1 when cand already holds cap ids. */
+static int esl__bulk_one(float ts, int32_t i, int32_t *cand, int32_t *k, int32_t cap,
+                         uint64_t *z)
+{
+    if (ts < ESL_BULK_TS_THETA) {
+        *z += esl__bulk_r(ts);
+        return 0;
+    }
+    if (*k == cap)
+        return -1;
+    cand[(*k)++] = i;
+    return 0;
+}
+
+/* Bound pass over x[0..n) with c2 = c * 2^23: appends (ascending) every i with
+ * (x[i] - m) * c2 >= ESL_BULK_TS_THETA, i.e. t >= -12, to cand, and stores for each block of
+ * ESL_BULK_BLOCK tokens the sum of esl__bulk_r over its other tokens in bsum[]. Returns the
+ * candidate count, or -1 as soon as there are more than cap candidates. */
+static int32_t esl__bulk_pass_c(const float *x, int32_t n, float m, float c2, int32_t *cand,
+                                int32_t cap, uint64_t *bsum)
+{
+    int32_t b0, i, k = 0, nb = 0;
+    for (b0 = 0; b0 < n; b0 += ESL_BULK_BLOCK) {
+        int32_t e = b0 + ESL_BULK_BLOCK < n ? b0 + ESL_BULK_BLOCK : n;
+        uint64_t z = 0;
+        for (i = b0; i < e; i++)
+            if (esl__bulk_one((x[i] - m) * c2, i, cand, &k, cap, &z))
+                return -1;
+        bsum[nb++] = z;
+    }
+    return k;
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* AVX2 (x86): same operations, eight lanes. No FMA: mul and add stay separate.          */
 #if ESL_HAVE_AVX2_CODE
@@ -235,11 +301,11 @@ ESL_TARGET_AVX2 static uint64_t esl__sum_lanes_avx2(__m256i v)
     return z;
 }
 
-/* AVX2 twin of esl__q_pass_c: bit-identical q and sum (no FMA, RNE conversion). */
-ESL_TARGET_AVX2 static uint64_t esl__q_pass_avx2(const float *x, int32_t n, float m, float c,
-                                                 uint32_t *q)
+/* esl__q_of_t of the lanes of t0 and t1 into *q0 and *q1. The two vectors are interleaved
+ * step by step: one exp2 chain is about 50 cycles of latency, and with two independent
+ * chains in program order the out-of-order core keeps its pipes busy (about 15% faster). */
+ESL_TARGET_AVX2 static void esl__q16_avx2(__m256 t0, __m256 t1, __m256i *q0, __m256i *q1)
 {
-    const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(c);
     const __m256 vclamp = _mm256_set1_ps(ESL_T_CLAMP), vone = _mm256_set1_ps(1.0f);
     const __m256 vmagic = _mm256_set1_ps(ESL_ROUND_MAGIC_F);
     const __m256 p1 = _mm256_set1_ps(ESL_P1), p2 = _mm256_set1_ps(ESL_P2);
@@ -247,39 +313,97 @@ ESL_TARGET_AVX2 static uint64_t esl__q_pass_avx2(const float *x, int32_t n, floa
     const __m256 p5 = _mm256_set1_ps(ESL_P5);
     /* (k + 30) << 23 == (bits(t + magic) << 23) + ((30 - bits(magic)) << 23) mod 2^32 */
     const __m256i vexp = _mm256_set1_epi32((int32_t)((30u - 0x4B400000u) << 23));
-    const __m256i vqmax = _mm256_set1_epi32((int)ESL_Q_ONE), vlo = _mm256_set1_epi32(0x7FFF);
-    __m256i acc_lo = _mm256_setzero_si256(), acc_hi = _mm256_setzero_si256();
-    uint64_t total = 0;
-    int32_t i = 0, since_flush = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vc);
-        __m256 tm, kf, f, p;
-        __m256i bits, qi;
-        t = _mm256_max_ps(t, vclamp);
-        tm = _mm256_add_ps(t, vmagic);
-        kf = _mm256_sub_ps(tm, vmagic);
-        f = _mm256_sub_ps(t, kf);
-        p = _mm256_add_ps(_mm256_mul_ps(p5, f), p4);
-        p = _mm256_add_ps(_mm256_mul_ps(p, f), p3);
-        p = _mm256_add_ps(_mm256_mul_ps(p, f), p2);
-        p = _mm256_add_ps(_mm256_mul_ps(p, f), p1);
-        p = _mm256_add_ps(_mm256_mul_ps(p, f), vone);
-        bits = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(tm), 23), vexp);
-        bits = _mm256_add_epi32(_mm256_castps_si256(p), bits);
-        qi = _mm256_cvtps_epi32(_mm256_castsi256_ps(bits)); /* MXCSR default: nearest-even */
-        qi = _mm256_min_epu32(qi, vqmax);
-        _mm256_storeu_si256((__m256i *)(q + i), qi);
-        /* exact sum: 15-bit low and high parts in 32-bit lanes, flushed before overflow */
-        acc_lo = _mm256_add_epi32(acc_lo, _mm256_and_si256(qi, vlo));
-        acc_hi = _mm256_add_epi32(acc_hi, _mm256_srli_epi32(qi, 15));
-        if (++since_flush == 65536) {
-            total += esl__sum_lanes_avx2(acc_lo) + (esl__sum_lanes_avx2(acc_hi) << 15);
-            acc_lo = acc_hi = _mm256_setzero_si256();
-            since_flush = 0;
-        }
+    const __m256i vqmax = _mm256_set1_epi32((int)ESL_Q_ONE);
+    __m256 m0, m1, f0, f1, h0, h1;
+    __m256i b0, b1;
+    t0 = _mm256_max_ps(t0, vclamp);
+    t1 = _mm256_max_ps(t1, vclamp);
+    m0 = _mm256_add_ps(t0, vmagic);
+    m1 = _mm256_add_ps(t1, vmagic);
+    f0 = _mm256_sub_ps(t0, _mm256_sub_ps(m0, vmagic));
+    f1 = _mm256_sub_ps(t1, _mm256_sub_ps(m1, vmagic));
+    h0 = _mm256_add_ps(_mm256_mul_ps(p5, f0), p4);
+    h1 = _mm256_add_ps(_mm256_mul_ps(p5, f1), p4);
+    h0 = _mm256_add_ps(_mm256_mul_ps(h0, f0), p3);
+    h1 = _mm256_add_ps(_mm256_mul_ps(h1, f1), p3);
+    h0 = _mm256_add_ps(_mm256_mul_ps(h0, f0), p2);
+    h1 = _mm256_add_ps(_mm256_mul_ps(h1, f1), p2);
+    h0 = _mm256_add_ps(_mm256_mul_ps(h0, f0), p1);
+    h1 = _mm256_add_ps(_mm256_mul_ps(h1, f1), p1);
+    h0 = _mm256_add_ps(_mm256_mul_ps(h0, f0), vone);
+    h1 = _mm256_add_ps(_mm256_mul_ps(h1, f1), vone);
+    b0 = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(m0), 23), vexp);
+    b1 = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(m1), 23), vexp);
+    b0 = _mm256_add_epi32(_mm256_castps_si256(h0), b0);
+    b1 = _mm256_add_epi32(_mm256_castps_si256(h1), b1);
+    /* MXCSR default rounding: nearest-even; lanes above 2^31 become 2^31, then 2^30 */
+    *q0 = _mm256_min_epu32(_mm256_cvtps_epi32(_mm256_castsi256_ps(b0)), vqmax);
+    *q1 = _mm256_min_epu32(_mm256_cvtps_epi32(_mm256_castsi256_ps(b1)), vqmax);
+}
+
+/* AVX2 twin of esl__q_pass_c: bit-identical q and sum (no FMA, RNE conversion). */
+ESL_TARGET_AVX2 static uint64_t esl__q_pass_avx2(const float *x, int32_t n, float m, float c,
+                                                 uint32_t *q)
+{
+    const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(c);
+    /* Exact sum in 64-bit lanes: lo accumulates each lane pair (2^32 h + l) mod 2^64, hi the
+     * h parts, so the total h + l is lo - 2^32 hi + hi mod 2^64 (it is below 2^53). */
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    uint64_t a[4], b[4], sl, sh;
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 t0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vc);
+        __m256 t1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm), vc);
+        __m256i q0, q1;
+        esl__q16_avx2(t0, t1, &q0, &q1);
+        _mm256_storeu_si256((__m256i *)(q + i), q0);
+        _mm256_storeu_si256((__m256i *)(q + i + 8), q1);
+        lo = _mm256_add_epi64(lo, _mm256_add_epi64(q0, q1));
+        hi = _mm256_add_epi64(hi, _mm256_srli_epi64(q0, 32));
+        hi = _mm256_add_epi64(hi, _mm256_srli_epi64(q1, 32));
     }
-    total += esl__sum_lanes_avx2(acc_lo) + (esl__sum_lanes_avx2(acc_hi) << 15);
-    return total + esl__q_pass_c(x + i, n - i, m, c, q + i);
+    _mm256_storeu_si256((__m256i *)a, lo);
+    _mm256_storeu_si256((__m256i *)b, hi);
+    sl = a[0] + a[1] + a[2] + a[3];
+    sh = b[0] + b[1] + b[2] + b[3];
+    return sl - (sh << 32) + sh + esl__q_pass_c(x + i, n - i, m, c, q + i);
+}
+
+/* AVX2 twin of esl__bulk_pass_c (same candidates, block sums and -1). */
+ESL_TARGET_AVX2 static int32_t esl__bulk_pass_avx2(const float *x, int32_t n, float m,
+                                                   float c2, int32_t *cand, int32_t cap,
+                                                   uint64_t *bsum)
+{
+    const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(c2);
+    const __m256 vtheta = _mm256_set1_ps(ESL_BULK_TS_THETA);
+    const __m256 vmin = _mm256_set1_ps(ESL_BULK_TS_MIN);
+    const __m256i vbias = _mm256_set1_epi32(ESL_BULK_BIAS);
+    int32_t b0, k = 0, nb = 0;
+    for (b0 = 0; b0 < n; b0 += ESL_BULK_BLOCK) {
+        int32_t e = b0 + ESL_BULK_BLOCK < n ? b0 + ESL_BULK_BLOCK : n, i = b0;
+        __m256i acc = _mm256_setzero_si256(); /* r < 2^19, 32 per lane: no overflow */
+        uint64_t z;
+        for (; i + 8 <= e; i += 8) {
+            __m256 ts = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vc);
+            __m256 hit = _mm256_cmp_ps(ts, vtheta, _CMP_GE_OQ);
+            __m256i r = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_max_ps(ts, vmin)), vbias);
+            unsigned bits = (unsigned)_mm256_movemask_ps(hit);
+            r = _mm256_cvtps_epi32(_mm256_castsi256_ps(r)); /* MXCSR default: nearest-even */
+            acc = _mm256_add_epi32(acc, _mm256_andnot_si256(_mm256_castps_si256(hit), r));
+            while (bits) {
+                if (k == cap)
+                    return -1;
+                cand[k++] = i + __builtin_ctz(bits);
+                bits &= bits - 1;
+            }
+        }
+        z = esl__sum_lanes_avx2(acc);
+        for (; i < e; i++)
+            if (esl__bulk_one((x[i] - m) * c2, i, cand, &k, cap, &z))
+                return -1;
+        bsum[nb++] = z;
+    }
+    return k;
 }
 
 /* AVX2 twin of esl__collect_ge_c. */
@@ -391,10 +515,10 @@ static int32_t esl__first_eq_neon(const float *x, int32_t n, float m)
     return i + esl__first_eq_c(x + i, n - i, m);
 }
 
-/* NEON twin of esl__q_pass_c: bit-identical q and sum (no FMA, RNE conversion). */
-static uint64_t esl__q_pass_neon(const float *x, int32_t n, float m, float c, uint32_t *q)
+/* esl__q_of_t of the lanes of t0 and t1 into *q0 and *q1, interleaved step by step like
+ * esl__q16_avx2 (two independent exp2 chains for the out-of-order core). */
+static void esl__q8_neon(float32x4_t t0, float32x4_t t1, uint32x4_t *q0, uint32x4_t *q1)
 {
-    const float32x4_t vm = vdupq_n_f32(m), vc = vdupq_n_f32(c);
     const float32x4_t vclamp = vdupq_n_f32(ESL_T_CLAMP), vone = vdupq_n_f32(1.0f);
     const float32x4_t vmagic = vdupq_n_f32(ESL_ROUND_MAGIC_F);
     const float32x4_t p1 = vdupq_n_f32(ESL_P1), p2 = vdupq_n_f32(ESL_P2);
@@ -403,30 +527,88 @@ static uint64_t esl__q_pass_neon(const float *x, int32_t n, float m, float c, ui
     /* (k + 30) << 23 == (bits(t + magic) << 23) + ((30 - bits(magic)) << 23) mod 2^32 */
     const uint32x4_t vexp = vdupq_n_u32((30u - 0x4B400000u) << 23);
     const uint32x4_t vqmax = vdupq_n_u32(ESL_Q_ONE);
+    float32x4_t m0, m1, f0, f1, h0, h1;
+    uint32x4_t b0, b1;
+    t0 = vmaxq_f32(t0, vclamp);
+    t1 = vmaxq_f32(t1, vclamp);
+    m0 = vaddq_f32(t0, vmagic);
+    m1 = vaddq_f32(t1, vmagic);
+    f0 = vsubq_f32(t0, vsubq_f32(m0, vmagic));
+    f1 = vsubq_f32(t1, vsubq_f32(m1, vmagic));
+    h0 = vaddq_f32(vmulq_f32(p5, f0), p4);
+    h1 = vaddq_f32(vmulq_f32(p5, f1), p4);
+    h0 = vaddq_f32(vmulq_f32(h0, f0), p3);
+    h1 = vaddq_f32(vmulq_f32(h1, f1), p3);
+    h0 = vaddq_f32(vmulq_f32(h0, f0), p2);
+    h1 = vaddq_f32(vmulq_f32(h1, f1), p2);
+    h0 = vaddq_f32(vmulq_f32(h0, f0), p1);
+    h1 = vaddq_f32(vmulq_f32(h1, f1), p1);
+    h0 = vaddq_f32(vmulq_f32(h0, f0), vone);
+    h1 = vaddq_f32(vmulq_f32(h1, f1), vone);
+    b0 = vaddq_u32(vshlq_n_u32(vreinterpretq_u32_f32(m0), 23), vexp);
+    b1 = vaddq_u32(vshlq_n_u32(vreinterpretq_u32_f32(m1), 23), vexp);
+    b0 = vaddq_u32(vreinterpretq_u32_f32(h0), b0);
+    b1 = vaddq_u32(vreinterpretq_u32_f32(h1), b1);
+    /* nearest-even conversion; lanes above 2^31 saturate, then clamp to 2^30 */
+    *q0 = vminq_u32(vreinterpretq_u32_s32(vcvtnq_s32_f32(vreinterpretq_f32_u32(b0))), vqmax);
+    *q1 = vminq_u32(vreinterpretq_u32_s32(vcvtnq_s32_f32(vreinterpretq_f32_u32(b1))), vqmax);
+}
+
+/* NEON twin of esl__q_pass_c: bit-identical q and sum (no FMA, RNE conversion). */
+static uint64_t esl__q_pass_neon(const float *x, int32_t n, float m, float c, uint32_t *q)
+{
+    const float32x4_t vm = vdupq_n_f32(m), vc = vdupq_n_f32(c);
     uint64x2_t acc = vdupq_n_u64(0);
     int32_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        float32x4_t t = vmulq_f32(vsubq_f32(vld1q_f32(x + i), vm), vc);
-        float32x4_t tm, kf, f, p;
-        uint32x4_t bits, qi;
-        t = vmaxq_f32(t, vclamp);
-        tm = vaddq_f32(t, vmagic);
-        kf = vsubq_f32(tm, vmagic);
-        f = vsubq_f32(t, kf);
-        p = vaddq_f32(vmulq_f32(p5, f), p4);
-        p = vaddq_f32(vmulq_f32(p, f), p3);
-        p = vaddq_f32(vmulq_f32(p, f), p2);
-        p = vaddq_f32(vmulq_f32(p, f), p1);
-        p = vaddq_f32(vmulq_f32(p, f), vone);
-        bits = vaddq_u32(vshlq_n_u32(vreinterpretq_u32_f32(tm), 23), vexp);
-        bits = vaddq_u32(vreinterpretq_u32_f32(p), bits);
-        qi = vreinterpretq_u32_s32(vcvtnq_s32_f32(vreinterpretq_f32_u32(bits)));
-        qi = vminq_u32(qi, vqmax);
-        vst1q_u32(q + i, qi);
-        acc = vpadalq_u32(acc, qi);
+    for (; i + 8 <= n; i += 8) {
+        float32x4_t t0 = vmulq_f32(vsubq_f32(vld1q_f32(x + i), vm), vc);
+        float32x4_t t1 = vmulq_f32(vsubq_f32(vld1q_f32(x + i + 4), vm), vc);
+        uint32x4_t q0, q1;
+        esl__q8_neon(t0, t1, &q0, &q1);
+        vst1q_u32(q + i, q0);
+        vst1q_u32(q + i + 4, q1);
+        acc = vpadalq_u32(acc, q0);
+        acc = vpadalq_u32(acc, q1);
     }
     return vgetq_lane_u64(acc, 0) + vgetq_lane_u64(acc, 1) +
            esl__q_pass_c(x + i, n - i, m, c, q + i);
+}
+
+/* NEON twin of esl__bulk_pass_c (same candidates, block sums and -1). */
+static int32_t esl__bulk_pass_neon(const float *x, int32_t n, float m, float c2, int32_t *cand,
+                                   int32_t cap, uint64_t *bsum)
+{
+    const float32x4_t vm = vdupq_n_f32(m), vc = vdupq_n_f32(c2);
+    const float32x4_t vtheta = vdupq_n_f32(ESL_BULK_TS_THETA);
+    const float32x4_t vmin = vdupq_n_f32(ESL_BULK_TS_MIN);
+    const int32x4_t vbias = vdupq_n_s32(ESL_BULK_BIAS);
+    int32_t b0, k = 0, nb = 0, j;
+    for (b0 = 0; b0 < n; b0 += ESL_BULK_BLOCK) {
+        int32_t e = b0 + ESL_BULK_BLOCK < n ? b0 + ESL_BULK_BLOCK : n, i = b0;
+        uint32x4_t acc = vdupq_n_u32(0); /* r < 2^19, 64 per lane: no overflow */
+        uint64_t z;
+        for (; i + 4 <= e; i += 4) {
+            float32x4_t ts = vmulq_f32(vsubq_f32(vld1q_f32(x + i), vm), vc);
+            uint32x4_t hit = vcgeq_f32(ts, vtheta);
+            int32x4_t r = vaddq_s32(vcvtnq_s32_f32(vmaxq_f32(ts, vmin)), vbias);
+            r = vcvtnq_s32_f32(vreinterpretq_f32_s32(r));
+            acc = vaddq_u32(acc, vbicq_u32(vreinterpretq_u32_s32(r), hit));
+            if (vmaxvq_u32(hit) == 0)
+                continue;
+            for (j = i; j < i + 4; j++) /* same arithmetic as the lanes, so the same test */
+                if ((x[j] - m) * c2 >= ESL_BULK_TS_THETA) {
+                    if (k == cap)
+                        return -1;
+                    cand[k++] = j;
+                }
+        }
+        z = vaddvq_u32(acc);
+        for (; i < e; i++)
+            if (esl__bulk_one((x[i] - m) * c2, i, cand, &k, cap, &z))
+                return -1;
+        bsum[nb++] = z;
+    }
+    return k;
 }
 
 /* NEON twin of esl__collect_ge_c. */
@@ -517,6 +699,19 @@ static uint64_t esl__q_pass(const float *x, int32_t n, float m, float c, uint32_
         return esl__q_pass_neon(x, n, m, c, q);
 #endif
     return esl__q_pass_c(x, n, m, c, q);
+}
+
+static int32_t esl__bulk_pass(const float *x, int32_t n, float m, float c2, int32_t *cand,
+                              int32_t cap, uint64_t *bsum)
+{
+#if ESL_HAVE_AVX2_CODE
+    if (esl__simd())
+        return esl__bulk_pass_avx2(x, n, m, c2, cand, cap, bsum);
+#elif ESL_HAVE_NEON
+    if (esl__simd())
+        return esl__bulk_pass_neon(x, n, m, c2, cand, cap, bsum);
+#endif
+    return esl__bulk_pass_c(x, n, m, c2, cand, cap, bsum);
 }
 
 static int32_t esl__collect_ge(const float *x, int32_t n, float tau, int32_t *out)
@@ -739,7 +934,12 @@ int32_t esl_sampler_init(int32_t vocab_size, esl_sampler **out)
     s->keys = (uint64_t *)calloc(v, sizeof *s->keys);
     s->counts = (uint32_t *)calloc(v, sizeof *s->counts);
     s->bmax = (float *)calloc(v / 8 + 2, sizeof *s->bmax);
-    if (!s->q || !s->list || !s->kept || !s->tmp || !s->keys || !s->counts || !s->bmax) {
+    s->cap = vocab_size / 16 + 64;
+    s->xc = (float *)calloc((size_t)s->cap, sizeof *s->xc);
+    s->qc = (uint32_t *)calloc((size_t)s->cap, sizeof *s->qc);
+    s->bsum = (uint64_t *)calloc(v / ESL_BULK_BLOCK + 1, sizeof *s->bsum);
+    if (!s->q || !s->list || !s->kept || !s->tmp || !s->keys || !s->counts || !s->bmax ||
+        !s->xc || !s->qc || !s->bsum) {
         esl_sampler_free(s);
         return ESL_ERR_NOMEM;
     }
@@ -760,6 +960,9 @@ void esl_sampler_free(esl_sampler *s)
     free(s->keys);
     free(s->counts);
     free(s->bmax);
+    free(s->xc);
+    free(s->qc);
+    free(s->bsum);
     free(s);
 }
 
@@ -905,30 +1108,144 @@ static int32_t esl__sample_topk(esl_sampler *s, const esl_sampler_params *p, con
     return esl__finish(s, n, kt, rng);
 }
 
-/* Dense path (no top-k): q over the whole vocabulary, top-p via bands of q.
- * TODO: collect the first band inside the q pass; saves one pass (~3 us), not yet done. */
-static int32_t esl__sample_dense(esl_sampler *s, const esl_sampler_params *p, const float *x,
-                                 float m, float c, uint64_t *rng)
+/* Bounds [*lo, *hi] on the sum of q over the bulk tokens of block b of a vocab-token call,
+ * from r = bsum[b], the sum of their esl__bulk_r: the per-token bounds of ESL_BULK_* summed
+ * (each token adds at most +-1 and each floor loses at most 1; the block length bounds the
+ * number of bulk tokens). */
+static void esl__block_bounds(const uint64_t *bsum, int32_t b, int32_t vocab, uint64_t *lo,
+                              uint64_t *hi)
+{
+    uint64_t r = bsum[b], l = (r * ESL_BULK_LO_NUM) >> 16; /* r < 2^27: no overflow */
+    uint64_t len = (uint64_t)(vocab - b * ESL_BULK_BLOCK);
+    len = len < ESL_BULK_BLOCK ? len : ESL_BULK_BLOCK;
+    *lo = l > 2 * len ? l - 2 * len : 0;
+    *hi = r + (r >> 12) + len;
+}
+
+/*
+ * Bound path of the dense case (no top-k). One pass splits the vocabulary: candidates
+ * (t >= -12) get exact masses, the others (the bulk, each q <= 2^18) only integer bounds on
+ * their sum, so Z is known to lie in [zlo, zhi]. Returns the token when every Z in that range
+ * gives the same one, else -1 and the exact path must run. Then *ns is the number of strong
+ * candidates (q > 2^18, i.e. every such token) left ascending in s->list[0..*ns) with their
+ * masses in s->q and sum *qs, or -1 if the pass gave up (more than s->cap candidates). A
+ * temperature-only call draws its PRNG output here: *u holds it and *have_u is 1.
+ */
+static int32_t esl__sample_bounded(esl_sampler *s, const esl_sampler_params *p, const float *x,
+                                   float m, float c, uint64_t *rng, int32_t *ns, uint64_t *qs,
+                                   uint64_t *u, int *have_u)
+{
+    const int32_t vocab = s->vocab, n_blocks = (vocab + ESL_BULK_BLOCK - 1) / ESL_BULK_BLOCK;
+    uint32_t *q = s->q;
+    uint32_t qmin = esl__q_min(p->min_p);
+    uint64_t zlo, zhi, lo, hi, sum = 0, kmin = (uint64_t)qmin << 32, klo = 0, khi = 0;
+    int32_t n, i, b, k = 0;
+    *ns = -1;
+    n = esl__bulk_pass(x, vocab, m, c * 8388608.0f, s->list, s->cap, s->bsum);
+    if (n < 0)
+        return -1;
+    for (i = 0; i < n; i++)
+        s->xc[i] = x[s->list[i]];
+    zlo = zhi = esl__q_pass(s->xc, n, m, c, s->qc);
+    for (i = 0; i < n; i++)
+        q[s->list[i]] = s->qc[i];
+    for (b = 0; b < n_blocks; b++) {
+        esl__block_bounds(s->bsum, b, vocab, &lo, &hi);
+        zlo += lo;
+        zhi += hi;
+    }
+    if (p->top_p >= 1.0 && qmin == 0) {
+        /* Draw: r = mulhi(u, Z) lies in [rlo, rhi]; the token is decided if that range falls
+         * inside one candidate's interval [before, before + q) for every possible `before`
+         * (exact candidate masses, bulk bounds of the blocks before, 0..hi of its own). */
+        uint64_t rlo, rhi, plo = 0, phi = 0;
+        *u = esl_rng_next(rng);
+        *have_u = 1;
+        rlo = esl__mulhi64(*u, zlo);
+        rhi = esl__mulhi64(*u, zhi);
+        for (i = 0, b = 0; i < n && plo <= rhi; i++) {
+            int32_t id = s->list[i];
+            for (; b < id / ESL_BULK_BLOCK; b++) {
+                esl__block_bounds(s->bsum, b, vocab, &lo, &hi);
+                plo += lo;
+                phi += hi;
+            }
+            esl__block_bounds(s->bsum, b, vocab, &lo, &hi);
+            if (phi + hi <= rlo && rhi < plo + q[id])
+                return id;
+            plo += q[id];
+            phi += q[id];
+        }
+        return -1;
+    }
+    /* Top-p and min-p: every token ranked before a strong one is strong, so the nucleus is
+     * found among them as long as its boundary is; Z only enters through top_p * Z. */
+    for (i = 0; i < n; i++) {
+        int32_t id = s->list[i];
+        if (q[id] > ESL_BULK_QMAX) {
+            s->list[k] = id;
+            s->keys[k++] = esl__q_key(q, id);
+            sum += q[id];
+        }
+    }
+    *ns = k;
+    *qs = sum;
+    if (p->top_p < 1.0) { /* 0 = the boundary lies below every strong token */
+        double tlo = p->top_p * (double)zlo, thi = p->top_p * (double)zhi;
+        klo = (double)sum >= tlo ? esl__select_mass(s->keys, k, 0, tlo) : 0;
+        khi = (double)sum >= thi ? esl__select_mass(s->keys, k, 0, thi) : 0;
+    }
+    klo = klo > kmin ? klo : kmin;
+    khi = khi > kmin ? khi : kmin;
+    if (klo != khi || (klo >> 32) <= ESL_BULK_QMAX)
+        return -1; /* depends on where Z lies, or the cut reaches the bulk */
+    return esl__finish(s, k, klo, rng);
+}
+
+/*
+ * Exact dense path: q over the whole vocabulary, top-p via bands of q. ns, qs, u and have_u
+ * are what esl__sample_bounded left (ns < 0: nothing to reuse; have_u: the PRNG output of a
+ * temperature-only call was already drawn). With ns > 0, s->list[0..ns) holds every token
+ * with q > 2^18, so the bands start below 2^18.
+ */
+static int32_t esl__sample_exact(esl_sampler *s, const esl_sampler_params *p, const float *x,
+                                 float m, float c, uint64_t *rng, int32_t ns, uint64_t qs,
+                                 uint64_t u, int have_u)
 {
     static const uint32_t stages[] = {1u << 26, 1u << 22, 1u << 18, 1u << 14,
                                       1u << 10, 1u << 6,  1u};
-    const int32_t vocab = s->vocab;
+    const int32_t vocab = s->vocab, n_stages = (int32_t)(sizeof stages / sizeof stages[0]);
     uint32_t *q = s->q;
-    uint64_t z = esl__q_pass(x, vocab, m, c, q), kt = 0, acc = 0;
     uint32_t qmin = esl__q_min(p->min_p), hi = ESL_Q_ONE + 1;
-    double target = p->top_p * (double)z;
-    int32_t n = 0, st, i;
+    uint64_t z = esl__q_pass(x, vocab, m, c, q), kt, acc = 0;
+    int32_t n = 0, st = 0, i;
+    double target;
     if (p->top_p >= 1.0 && qmin == 0)
-        return esl__draw_dense(q, vocab, esl__mulhi64(esl_rng_next(rng), z));
+        return esl__draw_dense(q, vocab, esl__mulhi64(have_u ? u : esl_rng_next(rng), z));
     if (p->top_p >= 1.0)
         return esl__finish(s, esl__collect_band(q, vocab, qmin, hi, s->list),
                            (uint64_t)qmin << 32, rng);
+    target = p->top_p * (double)z;
     kt = (uint64_t)1 << 32; /* unreachable fallback: every token with q > 0 */
-    for (st = 0; st < (int32_t)(sizeof stages / sizeof stages[0]); st++) {
+    if (ns > 0) {
+        n = ns;
+        if ((double)qs >= target) {
+            for (i = 0; i < ns; i++)
+                s->keys[i] = esl__q_key(q, s->list[i]);
+            kt = esl__select_mass(s->keys, ns, 0, target);
+            st = n_stages;
+        } else {
+            acc = qs;
+            hi = ESL_BULK_QMAX + 1;
+            st = 3; /* next band: [2^14, 2^18] */
+        }
+    }
+    for (; st < n_stages; st++) {
         uint32_t lo = stages[st] > qmin ? stages[st] : qmin;
         int32_t n0 = n;
         uint64_t band = 0;
-        n += esl__collect_band(q, vocab, lo, hi, s->list + n);
+        if (lo < hi)
+            n += esl__collect_band(q, vocab, lo, hi, s->list + n);
         for (i = n0; i < n; i++)
             band += q[s->list[i]];
         if ((double)(acc + band) >= target) {
@@ -947,6 +1264,21 @@ static int32_t esl__sample_dense(esl_sampler *s, const esl_sampler_params *p, co
     if (kt < ((uint64_t)qmin << 32))
         kt = (uint64_t)qmin << 32;
     return esl__finish(s, n, kt, rng);
+}
+
+/* Dense path (no top-k): the bound path, and the exact path when it cannot decide. */
+static int32_t esl__sample_dense(esl_sampler *s, const esl_sampler_params *p, const float *x,
+                                 float m, float c, uint64_t *rng)
+{
+    uint64_t u = 0, qs = 0;
+    int32_t ns = -1, tok;
+    int have_u = 0;
+    if (c <= 1e30f) { /* c * 2^23 is finite */
+        tok = esl__sample_bounded(s, p, x, m, c, rng, &ns, &qs, &u, &have_u);
+        if (tok >= 0)
+            return tok;
+    }
+    return esl__sample_exact(s, p, x, m, c, rng, ns, qs, u, have_u);
 }
 
 /* Contract: see edgeslm_kernel.h. */

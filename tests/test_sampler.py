@@ -256,6 +256,185 @@ def test_c_matches_numpy_hypothesis(
 
 
 # ------------------------------------------------------------------------------
+# The kernel's bound path (no top-k): tokens with t = (x - max) * c >= -12 get exact
+# masses, the others only bounds on their sum, and the exact path runs when the bounds
+# cannot decide (kernels/sampler.c, docs/SAMPLING.md). These tests pin the lemma it
+# rests on and aim C-vs-numpy comparisons at the cases where the bounds are tight.
+
+BULK_QMAX = 1 << 18  # ESL_BULK_QMAX
+BULK_LO_NUM = 61600  # ESL_BULK_LO_NUM
+
+
+def bulk_r(t: np.ndarray) -> np.ndarray:
+    """The kernel's esl__bulk_r, float32 t < -12: rint of the chord of 2**(t + 30)."""
+    ts = np.maximum(t * np.float32(2**23), np.float32(-(2**28)))
+    chord = (ts.astype(np.int32) + np.int32(157 << 23)).view(np.float32)
+    return np.rint(chord).astype(np.int64)
+
+
+def test_bulk_bound_lemma_is_exhaustively_true():
+    # Every float32 t in [-32, -12) (below -32 the kernel clamps to -32): q <= 2**18 and
+    # floor(r * 61600 / 2**16) - 1 <= q <= r + (r >> 12) + 1. The kernel sums these
+    # per-token bounds into bounds on Z; a single counterexample would make them wrong.
+    lo = np.float32(12.0).view(np.uint32)
+    hi = np.float32(32.0).view(np.uint32)
+    checked = 0
+    for start in range(int(lo) + 1, int(hi) + 1, 1 << 21):
+        bits = np.arange(start, min(start + (1 << 21), int(hi) + 1), dtype=np.uint32)
+        t = -bits.view(np.float32)
+        q = _q_of_t(t).astype(np.int64)
+        r = bulk_r(t)
+        assert q.max() <= BULK_QMAX
+        assert np.all(q <= r + (r >> 12) + 1)
+        assert np.all(q >= ((r * BULK_LO_NUM) >> 16) - 1)
+        checked += t.size
+    assert checked == int(hi) - int(lo)
+    assert bulk_r(np.array([-32.0, -np.inf], np.float32)).tolist() == [0, 0]
+    assert _q_of_t(np.array([-12.0], np.float32))[0] == BULK_QMAX
+
+
+def ulp_steps(base: float, steps: list[int]) -> np.ndarray:
+    """float32 values `steps` ulps above (positive) or below `base` (< 0)."""
+    bits = np.array([np.float32(base).view(np.int32)] * len(steps), np.int32)
+    return (bits - np.array(steps, np.int32)).view(np.float32)  # more bits = lower
+
+
+def threshold_logits(rng: np.random.Generator, vocab: int) -> np.ndarray:
+    """max 0 (so with temperature log2(e), t = x); many tokens at or next to t = -12,
+    where q = 2**18 on both sides of the candidate threshold, and a bulk below."""
+    x = (rng.standard_normal(vocab) * 2.0 - 19.0).astype(np.float32)
+    near = ulp_steps(-12.0, [-3, -2, -1, 0, 1, 2, 3])
+    idx = rng.choice(vocab, min(vocab, 400), replace=False)
+    x[idx] = near[rng.integers(0, near.size, idx.size)]
+    top = rng.choice(vocab, 6, replace=False)
+    x[top] = np.array([0.0, -0.5, -1.0, -3.0, -6.0, -11.0], np.float32)
+    return x
+
+
+def test_threshold_logits_have_the_intended_masses():
+    near = ulp_steps(-12.0, [-3, -2, -1, 0, 1, 2, 3])
+    assert near[3] == -12.0 and np.all(np.diff(near) > 0)
+    # ties between bulk (t < -12) and candidate (t >= -12) tokens at exactly 2**18
+    assert _q_of_t(near).tolist() == [BULK_QMAX - 1] + [BULK_QMAX] * 5 + [BULK_QMAX + 1]
+
+
+def nucleus_top_p(x: np.ndarray, c: np.float32, before_mass: int) -> float:
+    """top_p whose target falls `before_mass` into the q-ranked order (for aiming)."""
+    q = _q_of_t((x - x.max()) * c).astype(np.int64)
+    return min(1.0, before_mass / float(q.sum()))
+
+
+def test_bound_path_at_the_candidate_threshold(simd):
+    rng = np.random.default_rng(4242 + simd)
+    c = np.float32(_LOG2E / _LOG2E)
+    assert c == 1.0
+    for vocab in (4096, 49152):
+        x = threshold_logits(rng, vocab)
+        q = _q_of_t(x - x.max()).astype(np.int64)
+        order = np.lexsort((np.arange(vocab), -q))
+        csum = np.cumsum(q[order])
+        group = np.flatnonzero(q[order] == BULK_QMAX)
+        # top-p targets inside the q = 2**18 group (bulk and candidate tokens tie there,
+        # ranked by id), at its ends, and on exact prefix sums
+        mid = group[len(group) // 2]
+        targets = [csum[group[0]] - 1, csum[mid] + 0.5, csum[group[-1]]]
+        configs = [dict(top_p=nucleus_top_p(x, c, t)) for t in targets]
+        configs += [
+            dict(),
+            dict(min_p=2.0**-12),  # keeps every q = 2**18 token, bulk ones too
+            dict(min_p=np.nextafter(2.0**-12, 1.0)),
+            dict(min_p=np.nextafter(2.0**-12, 0.0)),
+            dict(top_p=0.9, min_p=0.0001),
+            dict(top_p=0.999999),
+        ]
+        for i, cfg in enumerate(configs):
+            settings_ = SamplerSettings(temperature=_LOG2E, seed=100 + i, **cfg)
+            a, b = both(settings_, vocab)
+            for _ in range(25):
+                assert a.sample(x.copy()) == b.sample(x.copy()), (vocab, cfg)
+            assert np.array_equal(a.rng_state, b.rng_state)
+
+
+def special_logits(kind: str, rng: np.random.Generator, vocab: int) -> np.ndarray:
+    if kind == "all equal":
+        return np.zeros(vocab, np.float32)
+    if kind == "one huge":
+        x = np.full(vocab, -1e30, np.float32)
+        x[rng.integers(0, vocab)] = 1e30
+        return x
+    if kind == "one live":
+        x = np.full(vocab, -np.inf, np.float32)
+        x[rng.integers(0, vocab)] = -7.0
+        return x
+    if kind == "many ties":
+        return rng.integers(-20, 1, vocab).astype(np.float32)
+    if kind == "two levels":  # 16 top tokens, a heavier bulk 13 bits further down
+        x = np.full(vocab, -9.0, np.float32)
+        x[rng.choice(vocab, 16, replace=False)] = 0.0
+        return x
+    # "llm-like": a broad bulk under a few boosted tokens (the benchmark's shape)
+    x = rng.standard_normal(vocab) * 2.5
+    top = rng.choice(vocab, 20, replace=False)
+    x[top] += rng.uniform(3, 15, 20)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "kind", ["all equal", "one huge", "one live", "many ties", "two levels", "llm-like"]
+)
+def test_bound_path_special_shapes(simd, kind):
+    rng = np.random.default_rng(len(kind) * 1000 + simd)
+    vocab = 49152
+    configs = [
+        dict(temperature=1.0),
+        dict(temperature=1.0, top_p=0.9),
+        dict(temperature=0.7, top_p=0.95, min_p=0.05),
+        dict(temperature=1.0, min_p=0.01),
+        dict(temperature=3.0, top_p=0.5),
+        dict(temperature=1e-6, top_p=0.9),
+    ]
+    for i, cfg in enumerate(configs):
+        a, b = both(SamplerSettings(seed=7 + i, **cfg), vocab)
+        for _ in range(4):
+            x = special_logits(kind, rng, vocab)
+            assert a.sample(x.copy()) == b.sample(x.copy()), (kind, cfg)
+        assert np.array_equal(a.rng_state, b.rng_state)
+
+
+def test_top_p_on_exact_prefix_sums(simd):
+    # top_p * Z exactly equal to (and one double ulp around) a prefix sum of the ranked
+    # masses: the cut is decided by the exact Z, which the bound path only brackets.
+    rng = np.random.default_rng(31 + simd)
+    vocab = 49152
+    for _ in range(4):
+        x = special_logits("llm-like", rng, vocab)
+        q = _q_of_t((x - x.max()) * np.float32(_LOG2E)).astype(np.int64)
+        z = float(q.sum())
+        ranked = np.sort(q)[::-1]
+        for j in (1, 2, 3, 5):
+            exact = float(ranked[:j].sum()) / z
+            for top_p in (exact, np.nextafter(exact, 0.0), np.nextafter(exact, 1.0)):
+                if not 0.0 < top_p <= 1.0:
+                    continue
+                a, b = both(SamplerSettings(top_p=float(top_p), seed=j), vocab)
+                for _ in range(3):
+                    assert a.sample(x.copy()) == b.sample(x.copy()), (j, top_p)
+
+
+def test_temperature_only_draws_full_vocab(simd):
+    # Draws land on candidates (decided by bounds) and in the bulk (exact path); the
+    # same PRNG output must serve both.
+    rng = np.random.default_rng(77 + simd)
+    vocab = 49152
+    for temperature in (0.7, 1.0, 2.0):
+        a, b = both(SamplerSettings(temperature=temperature, seed=5), vocab)
+        x = special_logits("llm-like", rng, vocab)
+        got = [a.sample(x.copy()) for _ in range(150)]
+        assert got == [b.sample(x.copy()) for _ in range(150)]
+        assert np.array_equal(a.rng_state, b.rng_state)
+
+
+# ------------------------------------------------------------------------------
 # Edge cases, each on both backends.
 
 

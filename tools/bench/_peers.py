@@ -12,6 +12,7 @@ Not done here: GPU offload, batched generation, llama.cpp's own sampler chain
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shlex
@@ -26,7 +27,8 @@ log = logging.getLogger("bench.peers")
 
 # A native build enables every ISA extension the compiler knows for this CPU.
 # On CPUs with AMX, llama.cpp's AMX matmul has crashed here, so AMX is turned
-# off while AVX-512 and VNNI stay on.
+# off while AVX-512 and VNNI stay on. Caveat: ggml puts -march=native after
+# these flags, which re-enables AMX on a CPU that has it (see README.md).
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 PEER_CMAKE_ARGS = (
     f"-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='{NO_AMX}' -DCMAKE_CXX_FLAGS='{NO_AMX}'"
@@ -85,7 +87,7 @@ def quantize_q8_0(src: Path, dst: Path, n_threads: int) -> dict[str, Any]:
 
     tmp = dst.with_suffix(".part")
     status = llama_cpp.llama_model_quantize(
-        str(src).encode(), str(tmp).encode(), params
+        str(src).encode(), str(tmp).encode(), ctypes.byref(params)
     )
     if status != 0:
         tmp.unlink(missing_ok=True)

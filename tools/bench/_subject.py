@@ -15,15 +15,6 @@ from pathlib import Path
 from typing import Any
 
 
-def runtime_available() -> bool:
-    """True when `edgeslm.load` exists in this interpreter (the runtime has landed)."""
-    try:
-        import edgeslm
-    except ImportError:
-        return False
-    return callable(getattr(edgeslm, "load", None))
-
-
 def export_package(src: Path, dst: Path, dtype: str) -> dict[str, Any]:
     """Export the checkpoint `src` to the package folder `dst` (replacing it)."""
     from edgeslm.export import export_model
@@ -106,6 +97,6 @@ def environment() -> dict[str, Any]:
     import edgeslm
 
     return {
-        "edgeslm": getattr(edgeslm, "__version__", "unknown"),
+        "edgeslm": edgeslm.__version__,
         "onnxruntime": onnxruntime.__version__,
     }

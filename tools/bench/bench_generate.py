@@ -232,8 +232,10 @@ def schedule(
 
 
 def _cpu_seconds() -> tuple[float, float, float]:
-    """(wall clock, CPU-seconds the whole machine was busy, CPU-seconds of our
-    finished child processes), to tell how much CPU other processes took."""
+    """Wall clock, machine busy CPU-seconds, our finished children's CPU-seconds.
+
+    Two snapshots tell how much CPU other processes took in between.
+    """
     with open("/proc/stat", encoding="ascii") as f:
         jiffies = [int(x) for x in f.readline().split()[1:]]
     idle = jiffies[3] + jiffies[4]  # idle + iowait
@@ -242,16 +244,21 @@ def _cpu_seconds() -> tuple[float, float, float]:
     return time.monotonic(), busy, kids.ru_utime + kids.ru_stime
 
 
-def others_cores(before: tuple, after: tuple) -> float:
-    """Cores that processes other than the worker kept busy between two
-    `_cpu_seconds` snapshots (0 on an idle machine, up to the core count)."""
+def others_cores(
+    before: tuple[float, float, float], after: tuple[float, float, float]
+) -> float:
+    """Cores that other processes kept busy between two `_cpu_seconds` snapshots.
+
+    0 on an idle machine, up to the core count; our own workers are left out.
+    """
     wall, busy, ours = (b - a for a, b in zip(before, after, strict=True))
     return max(0.0, (busy - ours) / wall)
 
 
 def wait_for_quiet(max_cores: float, max_wait: float) -> float:
-    """Wait until other processes use fewer than `max_cores` cores over one
-    second, or `max_wait` seconds have passed; return the last reading.
+    """Wait for a second in which other processes use under `max_cores` cores.
+
+    Gives up after `max_wait` seconds; returns the last reading.
 
     On a machine shared with other work this starts each run in a quiet
     moment (every run, so that neither system is favoured); it cannot keep the
@@ -266,26 +273,60 @@ def wait_for_quiet(max_cores: float, max_wait: float) -> float:
             return busy
 
 
+def measure_once(
+    args: argparse.Namespace, art: Artefacts, system: str, n: int
+) -> dict[str, Any]:
+    """One timed generation in a fresh worker, with the CPU others took meanwhile."""
+    if args.quiet_below > 0:
+        busy = wait_for_quiet(args.quiet_below, args.quiet_wait)
+        if busy >= args.quiet_below:
+            log.info("other processes still use %.1f cores; going on", busy)
+    spec = {"system": system, "task": "measure", "threads": n}
+    spec.update(model=str(art.models[system]), n_ctx=args.n_ctx)
+    spec.update(prompt_ids=art.prompt_ids, warmup_ids=art.prompt_ids[::-1])
+    spec.update(n_decode=args.decode_tokens, n_warmup_decode=args.warmup_decode)
+
+    before = _cpu_seconds()
+    result = call_worker(spec, threads=n, timeout=args.timeout)
+    result["others_cores"] = others_cores(before, _cpu_seconds())
+    result["prompt_ms"] = 1000 * result["prompt_s"]
+    result["decode_tok_s"] = args.decode_tokens / result["decode_s"]
+    return result
+
+
+def measure(
+    args: argparse.Namespace, art: Artefacts, system: str, n: int
+) -> dict[str, Any]:
+    """One run that other processes left alone, if one can be had.
+
+    The run is measured again (up to --retries times) while other processes
+    took --quiet-below cores or more during it; the last attempt counts.
+    """
+    for attempt in range(1 + args.retries):
+        result = measure_once(args, art, system, n)
+        result["attempts"] = attempt + 1
+        if args.quiet_below <= 0 or result["others_cores"] < args.quiet_below:
+            break
+        log.info(
+            "%s %d thr: other processes took %.1f cores during the run (%.1f ms, "
+            "%.1f tok/s)%s",
+            system,
+            n,
+            result["others_cores"],
+            result["prompt_ms"],
+            result["decode_tok_s"],
+            "; measuring again" if attempt < args.retries else "; keeping it",
+        )
+    return result
+
+
 def measure_all(args: argparse.Namespace, art: Artefacts) -> list[dict[str, Any]]:
     """Every scheduled measurement, each in its own worker process."""
     order = list(schedule(args.systems, args.threads, args.runs))
     results = []
     for i, (run, n, system) in enumerate(order, start=1):
-        if args.quiet_below > 0:
-            busy = wait_for_quiet(args.quiet_below, args.quiet_wait)
-            if busy >= args.quiet_below:
-                log.info("other processes still use %.1f cores; going on", busy)
-        spec = {"system": system, "task": "measure", "threads": n}
-        spec.update(model=str(art.models[system]), n_ctx=args.n_ctx)
-        spec.update(prompt_ids=art.prompt_ids, warmup_ids=art.prompt_ids[::-1])
-        spec.update(n_decode=args.decode_tokens, n_warmup_decode=args.warmup_decode)
-
-        before = _cpu_seconds()
-        result = call_worker(spec, threads=n, timeout=args.timeout)
-        result["others_cores"] = others_cores(before, _cpu_seconds())
+        result = measure(args, art, system, n)
         result.update(system=system, threads=n, run=run)
-        result["prompt_ms"] = 1000 * result["prompt_s"]
-        result["decode_tok_s"] = args.decode_tokens / result["decode_s"]
         results.append(result)
         log.info(
             "[%d/%d] %-9s %d thr: prompt %.1f ms, decode %.1f tok/s, peak %.0f MiB"
@@ -364,6 +405,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "than this (0: don't wait)",
     )
     add("--quiet-wait", type=float, default=120, help="longest wait, in seconds")
+    add(
+        "--retries",
+        type=int,
+        default=2,
+        help="measure a run again when other processes took --quiet-below "
+        "cores or more while it ran",
+    )
     add("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     if args.prompt_tokens + args.decode_tokens + 1 > args.n_ctx:
