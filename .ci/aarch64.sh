@@ -77,7 +77,7 @@ APT_UPDATED=0
 apt_update_once() {
     if [ "$APT_UPDATED" = 0 ]; then
         log "apt-get update"
-        apt-get update -qq
+        apt-get -o DPkg::Lock::Timeout=600 update -qq
         APT_UPDATED=1
     fi
 }
@@ -86,7 +86,8 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null ||
     [ ! -e /usr/aarch64-linux-gnu/lib/libc.a ]; then
     log "installing gcc-aarch64-linux-gnu"
     apt_update_once
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+        install -y -qq --no-install-recommends \
         gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils-aarch64-linux-gnu \
         >/dev/null
 fi

@@ -4,7 +4,10 @@ Templates come from the model's metadata (`tokenizer_config.json` or GGUF
 `tokenizer.chat_template`) and are rendered with jinja2 in a sandbox, with the
 variables and helpers Hugging Face templates expect (`messages`, `bos_token`,
 `eos_token`, `add_generation_prompt`, `raise_exception`, `strftime_now`, `tojson`).
-A model without a template gets ChatML, the most common format among small chat models.
+A model without a template gets ChatML, the most common format among small chat models,
+except the GPT-2 family, whose chat format is DialoGPT's: each turn's text followed by
+the end-of-text token, no roles, and the oldest turns dropped when the conversation
+outgrows the context (`fit_history`).
 
 Not yet: tool definitions passed to templates (the structured-output issue).
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -28,6 +31,16 @@ CHATML_TEMPLATE = (
     "{{ message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# DialoGPT: "turn<|endoftext|>turn<|endoftext|>..."; the reply follows the last one.
+# It was trained without system prompts, so system messages are left out.
+DIALOGPT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}"
+    "{{ message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
 )
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -129,3 +142,34 @@ def _compile(source: str) -> Any:
         return env.from_string(source)
     except TemplateError as exc:
         raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+
+
+def fit_history(
+    messages: Sequence[Mapping[str, Any]],
+    count_tokens: Callable[[list[dict[str, Any]]], int],
+    budget: int,
+) -> list[dict[str, Any]]:
+    """Drop the oldest turns until the rendered conversation fits `budget` tokens.
+
+    System messages are kept, and so is the last message even if it alone does not
+    fit (the caller then reports a prompt too long for the context).
+
+    Args:
+        messages: the conversation, oldest first.
+        count_tokens: tokens of a rendered message list.
+        budget: tokens the prompt may use.
+
+    Returns:
+        The messages that fit, in order.
+    """
+    kept = validate_messages(messages)
+    dropped = 0
+    while count_tokens(kept) > budget:
+        turns = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
+        if not turns:
+            break
+        del kept[turns[0]]
+        dropped += 1
+    if dropped:
+        log.debug("dropped the %d oldest turns to fit %d tokens", dropped, budget)
+    return kept

@@ -22,8 +22,11 @@ examples:
   edgeslm chat                                  chat with the default model
   edgeslm chat ./Llama-68M-Chat-v1              a Hugging Face folder (exported once)
   edgeslm generate "The capital of France is" --max-tokens 16
+  edgeslm generate "Is water wet? Answer:" --choice " yes" --choice " no"
+  edgeslm chat --json-schema schema.json         every reply is JSON for that schema
   edgeslm export model.gguf -o ./pkg            make an int8 package
   edgeslm info ./pkg                            what a package holds
+  edgeslm serve ./pkg --port 8080               OpenAI-compatible HTTP API
 """
 
 
@@ -98,6 +101,35 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("package")
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
     info.set_defaults(func=_cmd_info)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API (docs/SERVER.md)")
+    serve.add_argument(
+        "model", nargs="?", help="chat model (as for chat) or an encoder package"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, help="0: any free port")
+    serve.add_argument(
+        "--encoder",
+        metavar="PKG",
+        help="encoder for /v1/embeddings: package, BERT folder or 'default'",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("EDGESLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $EDGESLM_API_KEY)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=4,
+        help="requests that may wait for the model; more get 429 (default: 4)",
+    )
+    serve.add_argument(
+        "--max-body-kib", type=int, default=1024, help="largest request body"
+    )
+    serve.add_argument("--threads", type=int, default=None, help="default: all cores")
+    serve.add_argument("--n-ctx", type=int, default=None, help="context length")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -120,6 +152,22 @@ def _add_generation_options(
         "--stop", action="append", default=[], help="stop string (repeatable)"
     )
     p.add_argument("--threads", type=int, default=None, help="default: all cores")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--json-schema",
+        metavar="FILE|JSON",
+        help="answer must be JSON valid against this schema (a file or JSON text)",
+    )
+    shape.add_argument("--regex", help="answer must match this regular expression")
+    shape.add_argument(
+        "--choice",
+        action="append",
+        metavar="TEXT",
+        help="answer must be exactly one of these (repeat: --choice a --choice b)",
+    )
+    shape.add_argument(
+        "--grammar", metavar="FILE", help="answer must match this Lark grammar file"
+    )
     p.add_argument("--n-ctx", type=int, default=None, help="context length")
 
 
@@ -135,7 +183,43 @@ def _options(args: argparse.Namespace) -> dict:
     }
     if args.seed is not None:
         options["seed"] = args.seed
+    options.update(_constraint(args))
     return options
+
+
+def _constraint(args: argparse.Namespace) -> dict:
+    """The constraint option given by --json-schema, --regex, --choice or --grammar."""
+    if args.json_schema:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            text = _read_file(text, "--json-schema")
+        return {"json_schema": text}
+    if args.regex:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choices": args.choice}
+    if args.grammar:
+        return {"grammar": _read_file(args.grammar, "--grammar")}
+    return {}
+
+
+def _read_file(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path} ({exc.strerror})") from exc
+
+
+def _print_constrained(model, call, *args, **options) -> str:
+    """Run a constrained generation, print it, and fail if it was cut short."""
+    gen = call(*args, **options)
+    print(gen.text)
+    if not gen.complete:
+        raise ValueError(
+            f"the answer was cut short ({gen.finish_reason}) before it satisfied the "
+            "constraint; raise --max-tokens"
+        )
+    return gen.text
 
 
 def _load(name, args: argparse.Namespace):
@@ -163,6 +247,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
+        if _constraint(args):
+            text = _print_constrained(model, model.chat, messages, **_options(args))
+            messages.append({"role": "assistant", "content": text})
+            continue
         reply = []
         for piece in model.chat(messages, stream=True, **_options(args)):
             reply.append(piece)
@@ -191,6 +279,9 @@ def _prompt_cache(model, messages: list[dict], path: Path) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = _load(args.model, args)
+    if _constraint(args):
+        _print_constrained(model, model.generate, prompt, **_options(args))
+        return 0
     for piece in model.generate(prompt, stream=True, **_options(args)):
         print(piece, end="", flush=True)
     print()
@@ -234,12 +325,47 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"eos {list(manifest.tokens.eos_token_ids)}"
     )
     print(f"chat template {'yes' if manifest.chat_template else 'none (ChatML)'}")
+    print(
+        f"chat format   {manifest.chat_format}, full context: {manifest.context_shift}"
+    )
     print(f"source        {json.dumps(manifest.source)}")
     for name in manifest.files:
         size = (package / name).stat().st_size if (package / name).exists() else 0
         print(f"file          {name} ({size / 1e6:.1f} MB)")
     manifest.verify(package)
     print("sha256        all files verified")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from edgeslm.serve import Server, load_app
+
+    if args.max_queue < 0 or args.max_body_kib < 1:
+        raise ValueError("--max-queue must be >= 0 and --max-body-kib >= 1")
+    app = load_app(
+        args.model,
+        encoder=args.encoder,
+        n_threads=args.threads,
+        n_ctx=args.n_ctx,
+        max_waiting=args.max_queue,
+    )
+    server = Server(
+        app,
+        args.host,
+        args.port,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_kib * 1024,
+    )
+    logging.getLogger("edgeslm.serve").setLevel(
+        logging.DEBUG if args.verbose else logging.INFO
+    )
+    names = ", ".join(m["id"] for m in app.models()["data"])
+    auth = "API key required" if server.api_key else "no API key"
+    print(f"edgeslm: serving {names} on {server.url}/v1 ({auth})", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
 
 

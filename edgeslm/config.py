@@ -13,7 +13,8 @@ from typing import Any
 
 from edgeslm.errors import ModelFormatError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
+POSITION_EMBEDDINGS = ("rope", "learned")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class ModelConfig:
         rope_theta: RoPE base frequency.
         norm_eps: epsilon of the RMS norms.
         tie_word_embeddings: the output projection reuses the embedding matrix.
+        position_embedding: "rope" (rotary, keys re-rotatable in the cache) or
+            "learned" (GPT-2's absolute position table; a full context must be
+            recomputed, not shifted).
+        hidden_act: feed-forward activation as Hugging Face names it ("silu",
+            "gelu_new", "gelu", ...).
     """
 
     architecture: str
@@ -47,6 +53,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    position_embedding: str = "rope"
+    hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -64,7 +72,12 @@ class ModelConfig:
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                 f"({self.n_kv_heads})"
             )
-        if self.head_dim % 2:
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ModelFormatError(
+                f"position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                f"got {self.position_embedding!r}"
+            )
+        if self.position_embedding == "rope" and self.head_dim % 2:
             raise ModelFormatError(
                 f"head_dim must be even for RoPE, got {self.head_dim}"
             )

@@ -43,7 +43,8 @@ class Generation:
     Attributes:
         text: the generated text, stop string excluded.
         tokens: the generated token ids (EOS excluded).
-        finish_reason: "eos", "stop" (a stop string), or "length" (max_tokens).
+        finish_reason: "eos", "stop" (a stop string), "length" (max_tokens), or
+            "cancelled" (the `cancel` option asked to stop).
         stats: counts and timings.
     """
 

@@ -153,7 +153,13 @@ def _download(hub_id: str) -> Path:
         ) from exc
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
     try:
-        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+        folder = Path(snapshot_download(hub_id, allow_patterns=patterns))
+        if not any(folder.glob("*.safetensors")):
+            # Older repos (microsoft/DialoGPT-small) ship only pytorch_model.bin,
+            # which the export reads with a restricted unpickler (never torch).
+            patterns.append("pytorch_model*.bin")
+            folder = Path(snapshot_download(hub_id, allow_patterns=patterns))
+        return folder
     except Exception as exc:  # network, auth and not-found errors vary by version
         raise ModelNotFoundError(
             f"could not download {hub_id} from the hub ({type(exc).__name__}: {exc}); "

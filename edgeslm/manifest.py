@@ -41,18 +41,47 @@ class TokenSpec:
     pad_token_id: int | None = None
 
 
+CONTEXT_SHIFTS = ("rotate", "reprefill")
+CHAT_FORMATS = ("template", "dialogpt")
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """Everything `edgeslm.json` says about a package."""
+    """Everything `edgeslm.json` says about a package.
+
+    Attributes:
+        context_shift: what the runtime does when the context is full. "rotate":
+            drop the oldest tokens after a kept prefix and re-rotate the cached
+            RoPE keys in place. "reprefill": learned absolute positions cannot be
+            moved, so the kept tokens are computed again at their new positions.
+        chat_format: "template": render `chat_template` (Jinja) and let the cache
+            shift when full. "dialogpt": turns joined by the end-of-text token
+            (`chat_template` holds that format) and the oldest turns dropped so the
+            conversation fits the context.
+    """
 
     config: ModelConfig
     tokens: TokenSpec
     quantization: str
     graph: str
     chat_template: str | None = None
+    context_shift: str = "rotate"
+    chat_format: str = "template"
     source: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.context_shift not in CONTEXT_SHIFTS:
+            raise ModelFormatError(
+                f"context_shift must be one of {CONTEXT_SHIFTS}, "
+                f"got {self.context_shift!r}; re-export the model"
+            )
+        if self.chat_format not in CHAT_FORMATS:
+            raise ModelFormatError(
+                f"chat_format must be one of {CHAT_FORMATS}, "
+                f"got {self.chat_format!r}; re-export the model"
+            )
 
     # --- reading and writing ------------------------------------------------------
 
@@ -64,6 +93,8 @@ class Manifest:
             "config": self.config.to_dict(),
             "tokens": asdict(self.tokens),
             "chat_template": self.chat_template,
+            "chat_format": self.chat_format,
+            "context_shift": self.context_shift,
             "source": self.source,
             "files": self.files,
         }
@@ -102,6 +133,8 @@ class Manifest:
                 quantization=data["quantization"],
                 graph=data["graph"],
                 chat_template=data.get("chat_template"),
+                context_shift=data.get("context_shift", "rotate"),
+                chat_format=data.get("chat_format", "template"),
                 source=dict(data.get("source", {})),
                 files=dict(data["files"]),
             )

@@ -7,7 +7,8 @@ next token from the last position's logits.
 
 The cache remembers which tokens it holds, so a new prompt that starts with them
 (the next turn of a chat) only computes its new tokens. When the context is full, the
-oldest tokens after a kept prefix are dropped and the kept keys re-rotated.
+oldest tokens after a kept prefix are dropped and the kept keys re-rotated (RoPE), or
+the kept tokens computed again (learned positions: the manifest's `context_shift`).
 
 Not yet: batching several sequences; grammar-constrained decoding.
 """
@@ -18,13 +19,19 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeslm.chat_template import ChatTemplate
+from edgeslm.chat_template import ChatTemplate, fit_history
+from edgeslm.constraints import (
+    Guide,
+    StructuredGeneration,
+    constraint_from_options,
+    engine_for,
+)
 from edgeslm.errors import EdgeSLMError, ModelFormatError
 from edgeslm.generation import Generation, GenerationStats, TextStream
 from edgeslm.kvcache import KVCache
@@ -34,7 +41,7 @@ from edgeslm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_GRAPHS = ("llama-gqa-v1",)
+SUPPORTED_GRAPHS = ("llama-gqa-v1", "gpt2-gqa-v1")
 DEFAULT_CONTEXT = 4096
 
 
@@ -84,7 +91,8 @@ class Model:
             self.config.n_kv_heads,
             self.n_ctx,
             self.config.head_dim,
-            rope_theta=self.config.rope_theta,
+            # Learned positions (GPT-2): a shift only moves data, see _Run._step.
+            rope_theta=self.config.rope_theta if self._rotary else None,
         )
         self._tokens: list[int] = []  # what the cache holds, position by position
         self._n_keep = 0  # tokens a context shift keeps
@@ -211,16 +219,28 @@ class Model:
 
         Args:
             prompt: text, or token ids (used as they are).
-            stream: return an iterator of text chunks instead of a `Generation`.
+            stream: return an iterator of text chunks instead of a `Generation`;
+                when exhausted it returns (as `StopIteration.value`) the
+                `Generation` a non-streaming call would have, with its stats.
             **options: `max_tokens` (256), `stop` (strings), `ignore_eos`, `add_bos`
                 (default: the model's setting for text prompts), `keep` (tokens
                 kept when the context is full; default the whole first prompt up to
                 half the context), and sampling settings: `temperature` (0 = greedy,
                 the default), `top_k`, `top_p`, `min_p`, `repetition_penalty`,
-                `frequency_penalty`, `presence_penalty`, `seed`.
+                `frequency_penalty`, `presence_penalty`, `seed`. At most one
+                constraint on the output (docs/STRUCTURED.md): `json_schema` (dict
+                or JSON text), `regex`, `choices` (list of strings), `grammar` (Lark
+                text), or `response_format` (OpenAI shape); with one, the result is
+                a `StructuredGeneration` whose `complete` says if the output
+                satisfies it, and `fast_forward` (default True) feeds the tokens
+                the constraint forces without sampling them. `cancel`: a callable
+                asked before every step; when it returns True the generation ends
+                there with finish_reason "cancelled" (a server whose client left).
 
         Raises:
             ValueError: an option is out of range (the message names it).
+            ConstraintError: a constraint is malformed; `UnsupportedSchemaError`
+                names a JSON-schema feature the grammar engine lacks.
         """
         ids = self._prompt_ids(prompt, options.pop("add_bos", None))
         run = _Run(self, ids, options)
@@ -236,16 +256,59 @@ class Model:
         """Answer the last message of a conversation, rendered by the chat template.
 
         Consecutive calls with a growing conversation reuse the cache: only the new
-        messages are computed. Options are those of `generate`.
+        messages are computed. Options are those of `generate`. In the DialoGPT
+        format the oldest turns are dropped so that the prompt leaves room for the
+        reply (`max_tokens`, at most half the context).
         """
-        text = self.chat_template.render(messages, add_generation_prompt=True)
+        if self.manifest.chat_format == "dialogpt":
+            reply = min(int(options.get("max_tokens", 256)), self.n_ctx // 2)
+            messages = fit_history(
+                messages,
+                lambda kept: len(self.tokenize(self._render(kept), add_bos=False)),
+                self.n_ctx - reply,
+            )
+        text = self._render(messages)
         return self.generate(text, stream=stream, add_bos=False, **options)
 
     def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`, with BOS if the model wants it (or `add_bos`)."""
         return self._prompt_ids(text, add_bos)
 
+    # --- structured output (edgeslm/structured.py) ---------------------------------
+
+    def choose(self, text: str, options: Sequence[str], **kwargs: Any) -> str:
+        """Classify `text` into exactly one of `options`; see `structured.choose`."""
+        from edgeslm.structured import choose
+
+        return choose(self, text, options, **kwargs)
+
+    def extract(self, text: str, schema: Mapping[str, Any] | str, **kwargs: Any) -> Any:
+        """A JSON value matching `schema`, extracted from `text` and parsed; see
+        `structured.extract`."""
+        from edgeslm.structured import extract
+
+        return extract(self, text, schema, **kwargs)
+
+    def tool_call(
+        self,
+        messages: Sequence[Mapping[str, Any]] | str,
+        tools: Sequence[Any],
+        **kwargs: Any,
+    ) -> Any:
+        """Call one of `tools` or answer in plain text (`tool_choice="auto"`);
+        returns a `structured.ToolResponse`; see `structured.tool_call`."""
+        from edgeslm.structured import tool_call
+
+        return tool_call(self, messages, tools, **kwargs)
+
     # --- helpers -------------------------------------------------------------------
+
+    def _render(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    @property
+    def _rotary(self) -> bool:
+        return self.config.position_embedding == "rope"
 
     @property
     def _eos_ids(self) -> tuple[int, ...]:
@@ -290,6 +353,11 @@ class _Run:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         self.ignore_eos = bool(options.pop("ignore_eos", False))
         self.keep = options.pop("keep", None)
+        self.cancel = options.pop("cancel", None)
+        if self.cancel is not None and not callable(self.cancel):
+            raise ValueError(f"cancel must be callable, got {self.cancel!r}")
+        self.guide = _guide(model, options, self.ignore_eos)
+        self.fast_forward = bool(options.pop("fast_forward", True))
         self.stream = TextStream(
             model.tokenizer.incremental_decoder(), options.pop("stop", None) or ()
         )
@@ -300,7 +368,9 @@ class _Run:
             known = ", ".join(f.name for f in dataclasses.fields(SamplerSettings))
             raise ValueError(
                 f"unknown generation option in {sorted(options)}; sampling options "
-                f"are: {known}, plus max_tokens, stop, ignore_eos, add_bos, keep"
+                f"are: {known}, plus max_tokens, stop, ignore_eos, add_bos, keep, "
+                "fast_forward and a constraint (json_schema, regex, choices, "
+                "grammar, response_format)"
             ) from exc
         self.sampler = Sampler(settings, model.config.vocab_size)
         # Penalties look at a window of recent tokens; pass no more than that.
@@ -313,31 +383,83 @@ class _Run:
     def result(self) -> Generation:
         for _ in self.chunks():
             pass
-        return Generation(self.stream.text, self.tokens, self.finish_reason, self.stats)
+        return self._outcome()
 
-    def chunks(self) -> Iterator[str]:
+    def _outcome(self) -> Generation:
+        if self.guide is None:
+            return Generation(
+                self.stream.text, self.tokens, self.finish_reason, self.stats
+            )
+        # A stop string cuts the text before it: never a complete answer.
+        complete = self.guide.complete and self.finish_reason != "stop"
+        return StructuredGeneration(
+            self.stream.text,
+            self.tokens,
+            self.finish_reason,
+            self.stats,
+            complete=complete,
+            constraint=self.guide.constraint,
+        )
+
+    def chunks(self) -> Generator[str, None, Generation]:
         logits = self._prefill()
         decode_start = time.perf_counter()
         while len(self.tokens) < self.max_tokens:
-            recent = self.model._tokens[-self.window :] if self.window else ()
-            token = self.sampler.sample(logits, recent_tokens=recent)
-            if token in self.model._eos_ids and not self.ignore_eos:
+            if self.cancel is not None and self.cancel():
+                self.finish_reason = "cancelled"
+                break
+            new = self._next_tokens(logits)
+            if not new:
                 self.finish_reason = "eos"
                 break
-            self.tokens.append(token)
-            piece = self.stream.add(token)
-            if piece:
-                yield piece
+            for token in new:
+                self.tokens.append(token)
+                piece = self.stream.add(token)
+                if piece:
+                    yield piece
+                if self.stream.stopped:
+                    break
             if self.stream.stopped:
                 self.finish_reason = "stop"
                 break
+            if self.guide is not None and self.guide.done:
+                self.finish_reason = "eos"  # the constraint allows nothing more
+                break
             if len(self.tokens) < self.max_tokens:
-                logits = self._step([token])
+                logits = self._step(new)
         tail = self.stream.finish()
         if tail:
             yield tail
         self.stats.generated_tokens = len(self.tokens)
         self.stats.decode_seconds = time.perf_counter() - decode_start
+        return self._outcome()
+
+    def _next_tokens(self, logits: np.ndarray) -> list[int]:
+        """This step's tokens: one sampled, then any the constraint forces; [] = EOS."""
+        guide = self.guide
+        budget = self.max_tokens - len(self.tokens)
+        if guide is not None and self.fast_forward and not self.tokens:
+            # The constraint may force a start ('{"' of a JSON object).
+            forced = guide.forced()[:budget]
+            if forced:
+                guide.advance(forced)
+                return forced
+
+        recent = self.model._tokens[-self.window :] if self.window else ()
+        mask = guide.mask() if guide is not None else None
+        token = self.sampler.sample(logits, recent_tokens=recent, mask=mask)
+        if token in self.model._eos_ids and not self.ignore_eos:
+            return []
+        if guide is None:
+            return [token]
+
+        guide.advance([token])
+        if not self.fast_forward or budget == 1 or guide.done:
+            return [token]
+        forced = guide.forced()[: budget - 1]
+        if forced:
+            guide.advance(forced)
+        return [token, *forced]
 
     def _prefill(self) -> np.ndarray:
         """Process the prompt, reusing the longest cached prefix."""
@@ -365,17 +487,43 @@ class _Run:
     def _step(self, token_ids: list[int]) -> np.ndarray:
         model = self.model
         if model.cache.length + len(token_ids) > model.n_ctx:
-            self._shift()
+            kept = self._shift()
+            if model.manifest.context_shift == "reprefill":
+                # Learned positions: the kept tokens move to new positions, which
+                # only a fresh computation gives them. Exact, but costs a prefill.
+                model.cache.rewind(0)
+                model._tokens.clear()
+                return model.forward([*kept, *token_ids])
         return model.forward(token_ids)
 
-    def _shift(self) -> None:
-        """Context full: keep a prefix, drop the oldest half of the rest."""
+    def _shift(self) -> list[int]:
+        """Context full: keep a prefix, drop the oldest half of the rest.
+
+        With RoPE the cache is shifted in place (keys re-rotated). Returns the kept
+        tokens, which a "reprefill" package computes again instead.
+        """
         model = self.model
         keep = model._n_keep
         drop = max(1, (model.cache.length - keep) // 2)
         log.debug("context full: keeping %d tokens, dropping %d", keep, drop)
-        model.cache.shift(keep, drop)
-        del model._tokens[keep : keep + drop]
+        kept = model._tokens[:keep] + model._tokens[keep + drop :]
+        if model.manifest.context_shift == "rotate":
+            model.cache.shift(keep, drop)
+            del model._tokens[keep : keep + drop]
+        return kept
+
+
+def _guide(model: Model, options: dict[str, Any], ignore_eos: bool) -> Guide | None:
+    """Pop the constraint options and compile them for this model (None if none)."""
+    constraint = constraint_from_options(options)
+    if constraint is None:
+        return None
+    if ignore_eos:
+        raise ValueError(
+            "ignore_eos cannot be combined with a constraint: the constraint "
+            "decides where the output ends"
+        )
+    return engine_for(model).compile(constraint)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

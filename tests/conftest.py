@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures of the bridge tests (a mosquitto per test, the example registry).
+pytest_plugins = ("bridge.fixtures",)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

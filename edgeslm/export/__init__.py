@@ -1,8 +1,9 @@
 """Export: checkpoints (Hugging Face folders, GGUF files) into edgeslm packages.
 
-`export_model` opens a source with a reader (`checkpoint.py`, `gguf_reader.py`), builds
-the graph with the builder of its architecture family (`llama.py`), quantizes the
-weights (`quantize.py`), writes the tokenizer and the manifest, and hashes every file.
+`export_model` opens a source with a reader (`checkpoint.py`, `gguf_reader.py`,
+`torch_pickle.py`), builds the graph with the builder of its architecture family
+(`llama.py`, `gpt2.py`), quantizes the weights (`quantize.py`), writes the tokenizer
+and the manifest, and hashes every file.
 This package needs the `export` extra (onnx, gguf, safetensors); the runtime does not.
 """
 
@@ -14,12 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgeslm.config import ModelConfig
 from edgeslm.manifest import Manifest, TokenSpec, sha256_file
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("int8", "fp32")
-GRAPH_KINDS = {"llama": "llama-gqa-v1"}
+GRAPH_KINDS = {"llama": "llama-gqa-v1", "gpt2": "gpt2-gqa-v1"}
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
@@ -95,13 +97,17 @@ def export_model(
 def _write_package(ckpt, folder: Path, dtype: str, block_size: int) -> None:
     import onnx
 
+    from edgeslm.export.gpt2 import build_gpt2
     from edgeslm.export.llama import build_llama
+
+    builders = {"llama": build_llama, "gpt2": build_gpt2}
 
     def progress(done: int, total: int, what: str) -> None:
         log.info("  [%3d%%] %s", 100 * done // total, what)
 
     info = ckpt.write_tokenizer(folder)
-    model = build_llama(ckpt, dtype, progress, block_size=block_size)
+    build = builders[ckpt.config.architecture]
+    model = build(ckpt, dtype, progress, block_size=block_size)
     # Weights go to one external data file: onnxruntime maps it instead of parsing
     # it out of a protobuf, which loads faster and peaks lower.
     log.info("  writing %s and %s", MODEL_FILE, WEIGHTS_FILE)
@@ -127,7 +133,7 @@ def _write_package(ckpt, folder: Path, dtype: str, block_size: int) -> None:
         ),
         quantization=f"int8-block{block_size}" if dtype == "int8" else "fp32",
         graph=GRAPH_KINDS[ckpt.config.architecture],
-        chat_template=info.chat_template,
+        **_chat_and_context(ckpt.config, info.chat_template),
         source=ckpt.source,
         files={
             name: sha256_file(folder / name)
@@ -135,3 +141,44 @@ def _write_package(ckpt, folder: Path, dtype: str, block_size: int) -> None:
         },
     )
     manifest.write(folder)
+
+
+def _chat_and_context(
+    config: ModelConfig, template: str | None
+) -> dict[str, str | None]:
+    """Manifest fields that follow from the architecture: chat format, context shift.
+
+    Learned positions (GPT-2) cannot be re-rotated, so a full context is recomputed;
+    a GPT-2 model without a template of its own chats in DialoGPT's turn format.
+    """
+    from edgeslm.chat_template import DIALOGPT_TEMPLATE
+
+    learned = config.position_embedding == "learned"
+    fields: dict[str, str | None] = {
+        "chat_template": template,
+        "chat_format": "template",
+        "context_shift": "reprefill" if learned else "rotate",
+    }
+    if config.architecture == "gpt2" and (
+        not template or _renders_like_dialogpt(template)
+    ):
+        fields.update(chat_template=DIALOGPT_TEMPLATE, chat_format="dialogpt")
+    return fields
+
+
+def _renders_like_dialogpt(template: str) -> bool:
+    """Whether a source's own template is DialoGPT's turn format (some hub copies
+    carry it as Jinja), so the package gets history trimming too."""
+    from edgeslm.chat_template import DIALOGPT_TEMPLATE, ChatTemplate, ChatTemplateError
+
+    sample = [
+        {"role": "user", "content": "Hello."},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    eos = "<|endoftext|>"
+    try:
+        theirs = ChatTemplate(template, eos_token=eos).render(sample)
+    except ChatTemplateError:
+        return False
+    return theirs == ChatTemplate(DIALOGPT_TEMPLATE, eos_token=eos).render(sample)

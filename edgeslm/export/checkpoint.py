@@ -15,7 +15,10 @@ Canonical names (one vocabulary for every format):
     norm                        (hidden_size,)
     lm_head                     (vocab_size, hidden_size), absent when tied
 
-Not yet: `pytorch_model.bin` checkpoints and the GPT-2 family (a later issue).
+The GPT-2 family has its own names (biases, learned positions, fused QKV); they are
+listed in `gpt2.py`, which also translates its `config.json`. Weights come from
+`*.safetensors` (memory-mapped), else from `pytorch_model*.bin` through the
+restricted unpickler of `torch_pickle.py`, which never executes the pickle.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +106,16 @@ def _require(cfg: dict[str, Any], key: str, where: Path) -> Any:
 
 
 def hf_config_to_model_config(cfg: dict[str, Any], where: Path) -> ModelConfig:
-    """Translate a Llama-family `config.json` into a `ModelConfig`."""
-    model_type = cfg.get("model_type")
+    """Translate a Llama-family or GPT-2 `config.json` into a `ModelConfig`."""
+    model_type = cfg.get("model_type") or _model_type_from_class(cfg)
+    if model_type == "gpt2":
+        from edgeslm.export.gpt2 import gpt2_config_from_hf
+
+        return gpt2_config_from_hf(cfg, where)
     if model_type not in ("llama", "mistral"):
         raise ModelFormatError(
-            f"{where}: model_type {model_type!r} is not supported yet; supported: llama"
+            f"{where}: model_type {model_type!r} is not supported yet; supported: "
+            "llama, mistral, gpt2"
         )
     if cfg.get("rope_scaling"):
         # TODO: RoPE scaling (llama3, linear, yarn); no supported model needs it yet.
@@ -130,8 +139,15 @@ def hf_config_to_model_config(cfg: dict[str, Any], where: Path) -> ModelConfig:
     )
 
 
+def _model_type_from_class(cfg: dict[str, Any]) -> str | None:
+    """Configs older than `model_type` (2019 GPT-2 uploads) name only the class."""
+    classes = cfg.get("architectures") or []
+    known = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+    return next((known[c] for c in classes if c in known), None)
+
+
 def _open_hf_folder(folder: Path) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     # Config first: it names everything else.
     config_path = folder / "config.json"
@@ -143,32 +159,28 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         raise ModelFormatError(f"{config_path}: not valid JSON ({exc})") from exc
     config = hf_config_to_model_config(raw_cfg, config_path)
 
-    # Weights: every *.safetensors shard, memory-mapped.
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        if (folder / "pytorch_model.bin").exists():
-            # TODO: restricted unpickler for pytorch_model.bin; issue 4 plans it.
-            raise ModelFormatError(
-                f"{folder}: only pytorch_model.bin found; convert it to safetensors"
-            )
-        raise ModelFormatError(f"{folder}: no *.safetensors weights found")
-    where: dict[str, Any] = {}
-    for shard in shards:
-        try:
-            handle = safe_open(str(shard), framework="numpy")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelFormatError(f"{shard}: unreadable safetensors ({exc})") from exc
-        for key in handle.keys():
-            canonical = _hf_to_canonical(key)
-            if canonical is not None:
-                where[canonical] = (handle, key)
+    # Weights: a zero-argument reader per canonical name, plus whether the stored
+    # layout is (in, out) and must be transposed (GPT-2's Conv1D).
+    canonical = _canonical_namer(config)
+    where: dict[str, tuple[Callable[[], np.ndarray], bool, str]] = {}
+    for key, read in _hf_tensors(folder):
+        found = canonical(key)
+        if found is not None:
+            where[found[0]] = (read, found[1], key)
 
     def load(name: str) -> np.ndarray:
-        handle, key = where[name]
+        if name not in where:
+            raise ModelFormatError(
+                f"{folder}: the weights have no tensor for {name!r} (a "
+                f"{config.architecture} model needs it); the checkpoint is incomplete "
+                "or of another model type"
+            )
+        read, transpose, key = where[name]
         try:
-            return np.asarray(handle.get_tensor(key), dtype=np.float32)
+            array = np.asarray(read(), dtype=np.float32)
         except (SafetensorError, ValueError) as exc:
             raise ModelFormatError(f"tensor {key}: unreadable ({exc})") from exc
+        return np.ascontiguousarray(array.T) if transpose else array
 
     if "lm_head" not in where and not config.tie_word_embeddings:
         config = _replace(config, tie_word_embeddings=True)
@@ -179,6 +191,53 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         write_tokenizer=lambda out: _write_tokenizer(folder, out),
         source={"kind": "hf-folder", "path": str(folder.resolve())},
     )
+
+
+def _hf_tensors(folder: Path) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    """(key, reader) of every tensor: safetensors shards, else pytorch_model*.bin."""
+    from safetensors import SafetensorError, safe_open
+
+    shards = sorted(folder.glob("*.safetensors"))
+    found: list[tuple[str, Callable[[], np.ndarray]]] = []
+    for shard in shards:
+        try:
+            handle = safe_open(str(shard), framework="numpy")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelFormatError(f"{shard}: unreadable safetensors ({exc})") from exc
+        for key in handle.keys():
+            found.append((key, partial(handle.get_tensor, key)))
+    if shards:
+        return found
+
+    # No safetensors: PyTorch pickles, read without torch and without running them.
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ModelFormatError(
+            f"{folder}: no weights found; expected *.safetensors or pytorch_model.bin"
+        )
+    from edgeslm.export.torch_pickle import read_torch_checkpoint
+
+    for path in bins:
+        log.info("reading %s with the restricted unpickler", path.name)
+        for key, ref in read_torch_checkpoint(path).items():
+            found.append((key, ref.load))
+    return found
+
+
+def _canonical_namer(
+    config: ModelConfig,
+) -> Callable[[str], tuple[str, bool] | None]:
+    """The architecture's map: HF key -> (canonical name, transpose?) or None."""
+    if config.architecture == "gpt2":
+        from edgeslm.export.gpt2 import gpt2_canonical_name
+
+        return lambda key: gpt2_canonical_name(key, config)
+
+    def llama(key: str) -> tuple[str, bool] | None:
+        name = _hf_to_canonical(key)
+        return None if name is None else (name, False)
+
+    return llama
 
 
 def _replace(config: ModelConfig, **changes: Any) -> ModelConfig:

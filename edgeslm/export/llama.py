@@ -46,6 +46,7 @@ def build_llama(
     progress: Progress | None = None,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    head_block_size: int | None = None,
 ):
     """Write the decoder graph of a Llama-family checkpoint.
 
@@ -54,6 +55,8 @@ def build_llama(
         dtype: "int8" (block-wise int8 weights) or "fp32".
         progress: called as `progress(done, total, what)` after each block.
         block_size: int8 block length along the input dimension.
+        head_block_size: block length of the embedding table and the output
+            projection (default: `block_size`).
 
     Returns:
         The `onnx.ModelProto`.
@@ -61,7 +64,8 @@ def build_llama(
     cfg = ckpt.config
     b = GraphBuilder(dtype, block_size)
     _declare_io(b, cfg)
-    hidden, embed_q = _embedding(b, ckpt)
+    head_block = head_block_size or block_size
+    hidden, embed_q = _embedding(b, ckpt, head_block)
 
     residual = None
     mlp_out = hidden
@@ -78,7 +82,7 @@ def build_llama(
         total = b.op("Add", mlp_out, residual)
     last = b.op("Gather", total, last_idx, axis=1)
     normed = _rms_norm(b, last, ckpt.load("norm"), "final_norm", cfg.norm_eps)
-    _lm_head(b, ckpt, normed, embed_q)
+    _lm_head(b, ckpt, normed, embed_q, head_block)
     return b.model("edgeslm-llama")
 
 
@@ -96,7 +100,7 @@ def _declare_io(b: GraphBuilder, cfg: ModelConfig) -> None:
             b.output(f"present.{layer}.{kind}", FLOAT, kv_shape)
 
 
-def _embedding(b: GraphBuilder, ckpt: Checkpoint):
+def _embedding(b: GraphBuilder, ckpt: Checkpoint, block_size: int):
     """Token embedding; int8 keeps one quantized table shared with a tied head."""
     weight = ckpt.load("embed")
     if b.dtype == "fp32":
@@ -104,7 +108,7 @@ def _embedding(b: GraphBuilder, ckpt: Checkpoint):
         return b.op("Gather", table, "input_ids", axis=0), None
 
     # (vocab, n_blocks, block) uint8 rows -> float, minus the zero point, times scales.
-    q = quantize_int8_blocks(weight, b.block_size)
+    q = quantize_int8_blocks(weight, block_size)
     data = b.const("embed.qweight", q.data)
     scales = b.const("embed.scales", q.scales)
     rows = b.op("Cast", b.op("Gather", data, "input_ids", axis=0), to=FLOAT)
@@ -116,7 +120,7 @@ def _embedding(b: GraphBuilder, ckpt: Checkpoint):
     )
     values = b.op("Mul", b.op("Sub", rows, zero), row_scales)
     shape = b.const("embed.shape", np.array([1, -1, weight.shape[1]], dtype=np.int64))
-    if q.data.shape[1] * b.block_size != weight.shape[1]:
+    if q.data.shape[1] * block_size != weight.shape[1]:
         # TODO: hidden sizes that are not a multiple of 32; none of ours needs it.
         raise NotImplementedError("hidden_size must be a multiple of 32 for int8")
     return b.op("Reshape", values, shape), q
@@ -214,7 +218,9 @@ def _rope_tables(b: GraphBuilder, cfg: ModelConfig) -> tuple[str, str]:
     return "rope.cos", "rope.sin"
 
 
-def _lm_head(b: GraphBuilder, ckpt: Checkpoint, x: str, embed_q) -> None:
+def _lm_head(
+    b: GraphBuilder, ckpt: Checkpoint, x: str, embed_q, block_size: int
+) -> None:
     cfg = ckpt.config
     tied = cfg.tie_word_embeddings and "lm_head" not in ckpt.names
     if b.dtype == "int8" and tied:
@@ -227,7 +233,7 @@ def _lm_head(b: GraphBuilder, ckpt: Checkpoint, x: str, embed_q) -> None:
             K=cfg.hidden_size,
             N=cfg.vocab_size,
             bits=8,
-            block_size=b.block_size,
+            block_size=block_size,
             accuracy_level=ACCURACY_LEVEL,
         )
     elif b.dtype == "fp32" and tied:
@@ -235,5 +241,9 @@ def _lm_head(b: GraphBuilder, ckpt: Checkpoint, x: str, embed_q) -> None:
             "Gemm", [x, "embed.weight"], outputs=["logits"], name="lm_head", transB=1
         )
     else:
-        out = b.linear(x, ckpt.load("lm_head"), "lm_head")
+        if b.dtype == "int8":
+            q = quantize_int8_blocks(ckpt.load("lm_head"), block_size)
+            out = b.linear_q(x, q, "lm_head")
+        else:
+            out = b.linear(x, ckpt.load("lm_head"), "lm_head")
         b.node("Identity", [out], outputs=["logits"], name="logits")
