@@ -1,0 +1,715 @@
+"""The bridge service: MQTT in, recognizer, safety gate, outbound queue, adapters, acks.
+
+Threads: paho's network thread runs the callbacks, which only put events on a queue;
+one worker thread does everything else (recognition, SQLite, publishing, timeouts), so
+no state is shared between threads and a bad message can never raise into paho.
+
+Delivery: a request is stored with its commands (SQLite) before its MQTT message is
+acknowledged (paho manual ack). Each device has at most one command in flight, sent
+with QoS 1, never retained, with MQTT 5 message expiry, response topic and correlation
+data; it is resent with the same id until an outcome arrives, `max_attempts` is spent
+or it expires. Devices drop ids they have seen, so a resend never acts twice.
+
+Not yet: two bridges sharing the work do not coordinate commands to one device (each
+keeps its own one-in-flight rule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeslm.intent.registry import Registry, load_registry
+from edgeslm.intent.result import IntentResult
+from firmware_bridge import hermes
+from firmware_bridge.adapters import Outgoing, adapter_for, discovery_messages
+from firmware_bridge.commands import (
+    REQUEST_ID,
+    CommandRejected,
+    DeviceCommand,
+    RateLimiter,
+    plan_commands,
+)
+from firmware_bridge.config import BridgeConfig
+from firmware_bridge.recognizer import Recognizer, load_recognizer
+from firmware_bridge.store import CommandStore
+
+log = logging.getLogger(__name__)
+
+_REQUEST_KEYS = {"id", "text", "intent", "slots"}
+_MAX_TEXT = 1000  # characters of one spoken or typed command
+_HERMES_INTENT = re.compile(r"^hermes/intent/[A-Za-z][A-Za-z0-9_]{0,63}$")
+_ACK_STATUS = {"ok": "done", "duplicate": "done", "expired": "expired"}
+_SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps our session and messages
+_KEEP_REQUESTS = 7 * 24 * 3600  # seconds answered requests stay known (dedupe window)
+
+
+class BadRequest(ValueError):
+    """An input message the bridge cannot take; `code` goes into the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Topics:
+    command: str
+    reply: str
+    error: str
+    ack: str
+    availability: str
+    last_command: str
+
+
+@dataclass
+class _Inflight:
+    command: DeviceCommand
+    attempts: int
+    deadline: float
+
+
+class Bridge:
+    """One bridge instance. `start()`, then `stop()` (or `kill()` to simulate a crash).
+
+    Args:
+        config: the bridge configuration.
+        registry: the device registry; read from `config.registry` when None.
+        recognizer: `text -> IntentResult`; built from `config.recognizer` when None.
+    """
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        registry: Registry | None = None,
+        recognizer: Recognizer | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry or load_registry(config.registry)
+        self.recognize = recognizer or load_recognizer(
+            config.recognizer, self.registry, config.registry
+        )
+        self.devices = {d.id: d for d in self.registry.devices}
+        base, me = config.base, f"{config.base}/bridge/{config.instance}"
+        self.topics = Topics(
+            command=f"{base}/command",
+            reply=f"{base}/reply",
+            error=f"{base}/error",
+            ack=f"{me}/ack",
+            availability=f"{me}/availability",
+            last_command=f"{me}/last_command",
+        )
+        self._routes, self._state_topics = self._device_routes()
+        self._device_topics = {t for topics in self._routes.values() for t in topics}
+        self.allowed = self._allow_list()
+        self.limiter = RateLimiter(
+            config.rate_limit.per_second, config.rate_limit.burst
+        )
+        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._store: CommandStore | None = None
+        self._inflight: dict[str, _Inflight] = {}  # device -> its command on the wire
+        self._waiting: dict[str, deque[DeviceCommand]] = {}  # device -> queued commands
+        self._worker: threading.Thread | None = None
+        self.client = self._make_client()
+
+    # --- topics and the allow-list ------------------------------------------------
+
+    def _device_routes(self) -> tuple[dict[str, list[str]], dict[str, str]]:
+        routes, state_topics = {}, {}
+        for device in self.registry.devices:
+            try:
+                adapter = adapter_for(device)
+            except CommandRejected as exc:
+                log.info("not reachable over MQTT: %s", exc)
+                continue
+            routes[device.id] = adapter.out_topics(device)
+            for topic in adapter.state_topics(device):
+                state_topics[topic] = device.id
+        return routes, state_topics
+
+    def _allow_list(self) -> frozenset[str]:
+        t = self.topics
+        topics = {t.reply, t.error, t.availability, t.last_command, t.ack}
+        topics.add(hermes.NOT_RECOGNIZED_TOPIC)
+        topics.update(m.topic for m in self._discovery())
+        for device_topics in self._routes.values():
+            topics.update(device_topics)
+        return frozenset(topics)
+
+    def is_allowed(self, topic: str) -> bool:
+        """True for topics the bridge may publish to (the allow-list)."""
+        if any(c in topic for c in "+#\0") or len(topic) > 256:
+            return False
+        if topic in self.allowed or _HERMES_INTENT.match(topic):
+            return True
+        return topic.startswith(self.topics.reply + "/") and topic.count("/") < 16
+
+    def _discovery(self) -> list[Outgoing]:
+        if not self.config.discovery.enabled:
+            return []
+        return discovery_messages(
+            self.config.discovery.prefix,
+            self.config.base,
+            self.config.instance,
+            self.topics.availability,
+            self.topics.last_command,
+        )
+
+    # --- paho: callbacks only queue work --------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        b = self.config.broker
+        v5 = b.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgeslm-{self.config.prefix}-{self.config.site}-{self.config.instance}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+        )
+        client.enable_logger(logging.getLogger("firmware_bridge.paho"))
+        client.reconnect_delay_set(b.reconnect_min, b.reconnect_max)
+        client.max_inflight_messages_set(100)
+        client.will_set(self.topics.availability, "offline", qos=1, retain=True)
+        if b.username is not None:
+            client.username_pw_set(b.username, b.resolved_password())
+        if b.tls is not None:
+            client.tls_set(ca_certs=b.tls.ca, certfile=b.tls.cert, keyfile=b.tls.key)
+            client.tls_insecure_set(b.tls.insecure)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.events.put(("connect", not reason_code.is_failure, str(reason_code)))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.events.put(("disconnect", str(reason_code)))
+
+    def _on_message(self, client, userdata, message) -> None:
+        self.events.put(("message", message))
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the queue, connect (in the background, with back-off) and serve."""
+        self._store = CommandStore(self.config.queue)
+        self._store.prune(older_than=_KEEP_REQUESTS)
+        for stored in self._store.open_commands():
+            self._waiting.setdefault(stored.command.device, deque()).append(
+                stored.command
+            )
+        pending = sum(len(q) for q in self._waiting.values())
+        if pending:
+            log.info("outbound queue: %d commands from before the restart", pending)
+        b = self.config.broker
+        properties = None
+        if b.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = _SESSION_EXPIRY
+        self.client.connect_async(
+            b.host, b.port, b.keepalive, clean_start=False, properties=properties
+        )
+        self.client.loop_start()
+        self._worker = threading.Thread(
+            target=self._run, name="bridge-worker", daemon=True
+        )
+        self._worker.start()
+        log.info(
+            "bridge %s serving %s on %s:%d",
+            self.config.instance,
+            self.topics.command,
+            b.host,
+            b.port,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Clean shutdown: availability offline, disconnect, close the queue."""
+        if self._worker is None:
+            return
+        self.events.put(("stop",))
+        self._worker.join(timeout)
+        if self.connected.is_set():
+            info = self._publish(
+                Outgoing(self.topics.availability, b"offline", retain=True)
+            )
+            if info is not None:
+                info.wait_for_publish(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._close()
+
+    def kill(self) -> None:
+        """Stop without a goodbye, like a crash (tests): the broker sends the will."""
+        if self._worker is None:
+            return
+        self._stop.set()
+        self._worker.join(5.0)
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+        self._close()
+
+    def _close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        self._store = None
+        self._worker = None
+
+    def submit(self, text: str, request_id: str | None = None) -> str:
+        """Accept a command from Python (works while the broker is down); its id."""
+        request_id = request_id or uuid.uuid4().hex[:16]
+        self.events.put(("submit", text, request_id))
+        return request_id
+
+    # --- the worker ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = 0.0
+        while not self._stop.is_set():
+            try:
+                event = self.events.get(timeout=0.05)
+            except queue.Empty:
+                event = None
+            try:
+                if event is not None and event[0] == "stop":
+                    break
+                if event is not None:
+                    self._handle(event)
+                if time.monotonic() >= next_tick:
+                    self._tick()
+                    next_tick = time.monotonic() + 0.1
+            except Exception:  # the worker must outlive any one bad event
+                log.exception(
+                    "bridge worker: unexpected error handling %s", event and event[0]
+                )
+
+    def _handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "message":
+            message = event[1]
+            try:
+                self._on_mqtt(message)
+            finally:
+                if message.qos > 0:
+                    self.client.ack(message.mid, message.qos)
+        elif kind == "connect":
+            self._connected(event[1], event[2])
+        elif kind == "disconnect":
+            if self.connected.is_set():
+                log.warning("broker connection lost (%s); reconnecting", event[1])
+            self.connected.clear()
+        elif kind == "submit":
+            self._request(event[2], event[1], None, None, {"text": event[1]})
+
+    def _connected(self, ok: bool, reason: str) -> None:
+        if not ok:
+            log.error(
+                "broker refused the connection: %s; check broker credentials", reason
+            )
+            return
+        self.connected.set()
+        shared = f"$share/{self.config.share_group}/" if self.config.share_group else ""
+        subscriptions = [(shared + self.topics.command, 1), (self.topics.ack, 1)]
+        if self.config.hermes.enabled:
+            subscriptions.append((shared + hermes.QUERY_TOPIC, 1))
+        subscriptions += [(topic, 1) for topic in sorted(self._state_topics)]
+        self.client.subscribe(subscriptions)
+        self._publish(Outgoing(self.topics.availability, b"online", retain=True))
+        for message in self._discovery():
+            self._publish(message)
+        for inflight in self._inflight.values():
+            inflight.deadline = 0.0  # resend what the broker may have lost
+        for request_id in self._store.unreplied():
+            self._maybe_reply(request_id)
+        log.info("connected to the broker (%s)", reason)
+
+    def _tick(self) -> None:
+        """Expire, resend or fail commands in flight; start waiting ones."""
+        if not self.connected.is_set():
+            return
+        now = time.time()
+        for device in list(self._inflight):
+            inflight = self._inflight[device]
+            cmd = inflight.command
+            if now > cmd.expires_at:
+                self._finish(
+                    cmd, "expired", {"error": "no outcome before the command expired"}
+                )
+            elif now >= inflight.deadline:
+                if inflight.attempts >= self.config.delivery.max_attempts:
+                    error = f"no ack after {inflight.attempts} attempts"
+                    self._finish(cmd, "failed", {"error": error})
+                else:
+                    self._send(inflight)
+        for device in list(self._waiting):
+            self._dispatch(device)
+
+    # --- inputs -----------------------------------------------------------------------
+
+    def _on_mqtt(self, message: mqtt.MQTTMessage) -> None:
+        topic = message.topic
+        if topic == self.topics.ack:
+            self._on_ack(message)
+        elif topic in self._state_topics:
+            self._on_state(topic, message.payload)
+        elif topic == hermes.QUERY_TOPIC:
+            self._on_hermes(message.payload)
+        elif topic == self.topics.command:
+            self._on_command(message)
+        else:
+            log.debug("ignored a message on %s", topic)
+
+    def _on_command(self, message: mqtt.MQTTMessage) -> None:
+        props = getattr(message, "properties", None)
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        reply_topic = getattr(props, "ResponseTopic", None) if props else None
+        try:
+            request = self._parse_request(message.payload)
+            if reply_topic is not None and not self.is_allowed(reply_topic):
+                raise BadRequest(
+                    "bad_reply_topic",
+                    f"response topic must lie under {self.topics.reply}/, got a "
+                    f"{len(reply_topic)}-character topic elsewhere",
+                )
+        except BadRequest as exc:
+            self._error(exc.code, str(exc), None, correlation)
+            return
+        request_id = request.get("id") or uuid.uuid4().hex[:16]
+        self._request(
+            request_id, request.get("text", ""), reply_topic, correlation, request
+        )
+
+    def _parse_request(self, payload: bytes) -> dict[str, Any]:
+        if len(payload) > self.config.max_payload:
+            raise BadRequest(
+                "too_large",
+                f"a command may be {self.config.max_payload} bytes, got {len(payload)}",
+            )
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(
+                "bad_encoding", f"commands are UTF-8 text ({exc})"
+            ) from None
+        if not text.lstrip().startswith("{"):
+            return _checked_text({"text": text})
+        try:
+            request = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadRequest("bad_json", f"not valid JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise BadRequest("bad_request", "a JSON command is an object")
+        unknown = sorted(set(request) - _REQUEST_KEYS)
+        if unknown:
+            raise BadRequest(
+                "unknown_keys",
+                f"unknown keys {unknown[:5]}; a command has {sorted(_REQUEST_KEYS)} "
+                "(topics come from the device registry, never from a request)",
+            )
+        if "id" in request and not (
+            isinstance(request["id"], str) and REQUEST_ID.match(request["id"])
+        ):
+            raise BadRequest("bad_id", "'id' must be 1-48 letters, digits, '_' or '-'")
+        if "intent" in request:
+            if not isinstance(request["intent"], str) or not isinstance(
+                request.get("slots", {}), dict
+            ):
+                raise BadRequest(
+                    "bad_request", "'intent' is text and 'slots' an object"
+                )
+            return request
+        return _checked_text(request)
+
+    def _on_hermes(self, payload: bytes) -> None:
+        try:
+            query = hermes.parse_query(json.loads(payload.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError, hermes.HermesError) as exc:
+            self._error("bad_hermes_query", f"hermes/nlu/query: {exc}", None, None)
+            return
+        result = self._recognize(query["input"][:_MAX_TEXT])
+        topic, answer = hermes.answer(query, result)
+        self._publish(Outgoing(topic, json.dumps(answer).encode()))
+        if topic != hermes.NOT_RECOGNIZED_TOPIC and self.config.hermes.execute:
+            qid = query.get("id") or query.get("sessionId") or ""
+            request_id = f"hermes-{qid}" if REQUEST_ID.match(f"hermes-{qid}") else None
+            self._request(
+                request_id or uuid.uuid4().hex[:16],
+                query["input"],
+                None,
+                None,
+                {},
+                result=result,
+            )
+
+    def _recognize(self, text: str) -> IntentResult:
+        try:
+            return self.recognize(text)
+        except Exception:  # a recognizer bug must not take the bridge down
+            log.exception("recognizer failed on a %d-character request", len(text))
+            return IntentResult(text=text, intent=None)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _request(
+        self,
+        request_id: str,
+        text: str,
+        reply_topic: str | None,
+        correlation: bytes | None,
+        request: dict[str, Any],
+        result: IntentResult | None = None,
+    ) -> None:
+        known = self._store.request(request_id)
+        if known is not None:  # a retry or a redelivery: answer, never execute again
+            log.debug("request %s seen before (%s)", request_id, known["status"])
+            if known["replied"]:
+                self._publish_reply(known["reply"], reply_topic, correlation)
+            return
+        if result is None:
+            if "intent" in request:
+                result = IntentResult(
+                    text=text,
+                    intent=request["intent"],
+                    slots=request.get("slots") or {},
+                    confidence=1.0,
+                    layer="request",
+                )
+            else:
+                result = self._recognize(text)
+        reply = {"id": request_id, "text": text, "intent": result.to_dict()}
+        try:
+            commands = plan_commands(
+                self.registry, result, request_id, self.config.delivery.command_ttl
+            )
+            for cmd in commands:
+                adapter = adapter_for(self.devices[cmd.device])
+                if cmd.action not in adapter.actions:
+                    raise CommandRejected(
+                        "action_not_allowed",
+                        f"the {adapter.name} adapter of {cmd.device!r} "
+                        f"cannot {cmd.action}",
+                    )
+            if not all(self.limiter.allow(cmd.device) for cmd in commands):
+                raise CommandRejected(
+                    "rate_limited", "too many commands for a device; wait"
+                )
+        except CommandRejected as exc:
+            status = "not_recognized" if exc.code == "not_recognized" else "rejected"
+            reply.update(status=status, error={"code": exc.code, "message": str(exc)})
+            self._store.add(
+                request_id, text, reply_topic, correlation, [], status, reply
+            )
+            self._store.close_request(request_id, status, reply)
+            self._publish_reply(reply, reply_topic, correlation)
+            self._error(exc.code, str(exc), request_id, correlation)
+            return
+        reply["commands"] = [c.to_dict() for c in commands]
+        if self.config.dry_run:
+            return self._dry_run(reply, commands, reply_topic, correlation)
+        self._store.add(
+            request_id, text, reply_topic, correlation, commands, "accepted", reply
+        )
+        self._publish_reply({**reply, "status": "accepted"}, reply_topic, correlation)
+        for cmd in commands:
+            self._waiting.setdefault(cmd.device, deque()).append(cmd)
+            self._dispatch(cmd.device)
+
+    def _dry_run(self, reply, commands, reply_topic, correlation) -> None:
+        now = time.time()
+        for cmd in commands:
+            device = self.devices[cmd.device]
+            for out in adapter_for(device).messages(cmd, device, self.topics.ack, now):
+                log.info(
+                    "dry run: would publish %s %s", out.topic, out.payload.decode()
+                )
+        reply["status"] = "dry_run"
+        self._publish_reply(reply, reply_topic, correlation)
+
+    # --- commands on the wire ---------------------------------------------------------
+
+    def _dispatch(self, device: str) -> None:
+        waiting = self._waiting.get(device)
+        if device in self._inflight or not waiting or not self.connected.is_set():
+            return
+        cmd = waiting.popleft()
+        if not waiting:
+            del self._waiting[device]
+        inflight = _Inflight(cmd, 0, 0.0)
+        self._inflight[device] = inflight
+        self._send(inflight)
+
+    def _send(self, inflight: _Inflight) -> None:
+        cmd = inflight.command
+        now = time.time()
+        if now > cmd.expires_at:
+            self._finish(cmd, "expired", {"error": "expired before it could be sent"})
+            return
+        device = self.devices[cmd.device]
+        inflight.attempts += 1
+        inflight.deadline = now + self.config.delivery.ack_timeout
+        for out in adapter_for(device).messages(cmd, device, self.topics.ack, now):
+            self._publish(out)
+        log.debug(
+            "sent %s (%s %s), attempt %d",
+            cmd.id,
+            cmd.device,
+            cmd.action,
+            inflight.attempts,
+        )
+
+    def _on_ack(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            ack = json.loads(message.payload.decode("utf-8"))
+            if not isinstance(ack, dict) or not isinstance(ack.get("id"), str):
+                raise ValueError("an ack is an object with an 'id'")
+        except (UnicodeDecodeError, ValueError) as exc:
+            log.warning("dropped a malformed ack: %s", exc)
+            return
+        inflight = next(
+            (i for i in self._inflight.values() if i.command.id == ack["id"]), None
+        )
+        if inflight is None:
+            log.debug("ack for %s, which is not in flight (late duplicate)", ack["id"])
+            return
+        status = _ACK_STATUS.get(ack.get("status"), "failed")
+        if status == "done":
+            result = {"state": ack.get("state")}
+        else:
+            error = f"device answered {ack.get('status')!r}: {ack.get('error', '')}"
+            result = {"error": error[:200]}
+        self._finish(inflight.command, status, result)
+
+    def _on_state(self, topic: str, payload: bytes) -> None:
+        device_id = self._state_topics[topic]
+        inflight = self._inflight.get(device_id)
+        if inflight is None:
+            return
+        try:
+            state = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        adapter = adapter_for(self.devices[device_id])
+        new_state = adapter.outcome(inflight.command, topic, state)
+        if new_state is not None:
+            self._finish(inflight.command, "done", {"state": new_state})
+
+    def _finish(self, cmd: DeviceCommand, status: str, result: dict[str, Any]) -> None:
+        if self._inflight.get(cmd.device) is not None:
+            if self._inflight[cmd.device].command.id == cmd.id:
+                del self._inflight[cmd.device]
+        with self._store.transaction():  # one disk flush for the command and its reply
+            if not self._store.finish(cmd.id, status, result):
+                return
+            self._maybe_reply(cmd.request_id)
+        if status != "done":
+            log.warning(
+                "command %s to %s %s: %s",
+                cmd.id,
+                cmd.device,
+                status,
+                result.get("error"),
+            )
+        self._dispatch(cmd.device)
+
+    # --- replies ----------------------------------------------------------------------
+
+    def _maybe_reply(self, request_id: str) -> None:
+        outcome = self._store.outcome(request_id)
+        if outcome is None or not self.connected.is_set():
+            return  # still running, or sent once the broker is back
+        known = self._store.request(request_id)
+        statuses = {c["status"] for c in outcome}
+        status = (
+            "done"
+            if statuses == {"done"}
+            else ("failed" if "done" not in statuses else "partial")
+        )
+        reply = {**(known["reply"] or {}), "status": status, "commands": outcome}
+        self._store.close_request(request_id, status, reply)
+        self._publish_reply(reply, known["reply_topic"], known["correlation"])
+        last = {"id": request_id, "text": known["text"], "status": status}
+        self._publish(
+            Outgoing(self.topics.last_command, json.dumps(last).encode(), retain=True)
+        )
+        if status != "done":
+            self._error(
+                f"command_{status}",
+                f"request {request_id} {status}",
+                request_id,
+                known["correlation"],
+            )
+
+    def _publish_reply(
+        self, reply: dict[str, Any], topic: str | None, correlation: bytes | None
+    ) -> None:
+        self._publish(
+            Outgoing(
+                topic or self.topics.reply,
+                json.dumps(reply).encode(),
+                correlation=correlation,
+            )
+        )
+
+    def _error(
+        self, code: str, message: str, request_id: str | None, correlation: bytes | None
+    ) -> None:
+        body = {"id": request_id, "error": {"code": code, "message": message[:500]}}
+        log.info("error %s: %s", code, message[:200])
+        self._publish(
+            Outgoing(
+                self.topics.error, json.dumps(body).encode(), correlation=correlation
+            )
+        )
+
+    def _publish(self, out: Outgoing) -> mqtt.MQTTMessageInfo | None:
+        """The only way out: allow-list checked, QoS 1, MQTT 5 properties."""
+        if not self.is_allowed(out.topic):
+            log.error("refused to publish to %r: not on the allow-list", out.topic[:80])
+            return None
+        properties = None
+        if self.config.broker.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ContentType = "application/json"
+            if out.expiry is not None:
+                properties.MessageExpiryInterval = out.expiry
+            if out.response_topic is not None:
+                properties.ResponseTopic = out.response_topic
+            if out.correlation is not None:
+                properties.CorrelationData = out.correlation
+        if self.config.dry_run and out.topic in self._device_topics:
+            log.info("dry run: would publish to %s", out.topic)
+            return None
+        return self.client.publish(
+            out.topic, out.payload, qos=1, retain=out.retain, properties=properties
+        )
+
+
+def _checked_text(request: dict[str, Any]) -> dict[str, Any]:
+    text = request.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest("bad_request", "a command needs 'text' (non-empty text)")
+    if len(text) > _MAX_TEXT:
+        raise BadRequest(
+            "too_long", f"a command may be {_MAX_TEXT} characters, got {len(text)}"
+        )
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        raise BadRequest("bad_request", "command text contains control characters")
+    return {**request, "text": text.strip()}
