@@ -1,0 +1,359 @@
+"""The HTTP transport: the standard library's threaded server, one thread per
+connection, HTTP/1.1 keep-alive, server-sent events in chunked encoding.
+
+Why not an ASGI stack: docs/SERVER.md measures import time, start-up and memory of
+http.server, starlette + uvicorn and aiohttp on this project's machine. One model
+serves one request at a time, so an event loop buys nothing, and the standard
+library costs no dependency at all.
+
+What this module guards against, since http.server itself does not:
+- bodies: `Content-Length` is required and capped (413 above `max_body_bytes`,
+  before reading a byte of it); JSON must be strict (no NaN) and a JSON object;
+- slow or idle clients: every socket has a timeout;
+- connection floods: at most `max_connections` handler threads, then a 503;
+- every error, including malformed request lines, is an OpenAI error object.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import select
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from edgeslm import __version__
+from edgeslm.serve.app import App
+from edgeslm.serve.protocol import APIError
+from edgeslm.serve.queue import ClientGone, QueueFull
+
+log = logging.getLogger(__name__)
+
+# Seconds a client may take to send a request, or to take a chunk of the answer.
+SOCKET_TIMEOUT = 30.0
+# Tells a client how long to wait before retrying a refused request.
+RETRY_AFTER_SECONDS = 1
+# A refused body up to this size is read and dropped, keeping the connection usable.
+DRAIN_LIMIT = 16 << 20
+
+# Routes: path -> {method: App method name}.
+ROUTES = {
+    "/health": {"GET": "health"},
+    "/v1/models": {"GET": "models"},
+    "/v1/chat/completions": {"POST": "chat"},
+    "/v1/completions": {"POST": "completions"},
+    "/v1/embeddings": {"POST": "embeddings"},
+}
+PUBLIC = {"/health"}  # answered without the API key (liveness probes)
+
+
+class Server(ThreadingHTTPServer):
+    """The API server.
+
+    Args:
+        app: the endpoints.
+        host, port: where to listen (port 0: any free port; see `port`).
+        api_key: required as `Authorization: Bearer KEY` on /v1/* (None: open).
+        max_body_bytes: largest request body accepted.
+        max_connections: open connections served at once; more get a 503.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        app: App,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        api_key: str | None = None,
+        max_body_bytes: int = 1 << 20,
+        max_connections: int = 32,
+    ) -> None:
+        if max_body_bytes < 1 or max_connections < 1:
+            raise ValueError(
+                f"max_body_bytes and max_connections must be >= 1, got "
+                f"{max_body_bytes} and {max_connections}"
+            )
+        self.app = app
+        self.api_key = api_key or None
+        self.max_body_bytes = max_body_bytes
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__((host, port), _Handler)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self.server_address[0]
+        return f"http://{host}:{self.port}"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.info("too many connections: refusing %s", client_address)
+            error = APIError(
+                503, "too many open connections; retry later", type="server_error"
+            )
+            body = json.dumps(error.body()).encode()
+            head = (
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+                f"Retry-After: {RETRY_AFTER_SECONDS}\r\n\r\n"
+            )
+            try:
+                request.sendall(head.encode() + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection: requests in turn, each dispatched to the `App`."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"edgeslm/{__version__}"
+    sys_version = ""
+    disable_nagle_algorithm = True  # every event goes out at once
+    timeout = SOCKET_TIMEOUT
+    server: Server
+
+    # --- dispatch -----------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def _dispatch(self, method: str) -> None:
+        self._events = False  # True once an event stream has started
+        self._dead = False  # True once a write to the client failed
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            self._route(method, path)
+        except APIError as error:
+            self._send_error_object(error)
+        except QueueFull:
+            self.server.app.count("rejected")
+            error = APIError(
+                429,
+                f"the model is busy and {self.server.app.queue.max_waiting} "
+                "requests are already waiting; retry later",
+                code="queue_full",
+                type="rate_limit_error",
+            )
+            self._send_error_object(error, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        except ClientGone:
+            log.debug("%s %s: client disconnected", method, path)
+            self.close_connection = True
+        except Exception:  # a bug: answer 500, keep serving
+            log.exception("%s %s failed", method, path)
+            self.server.app.count("failed")
+            error = APIError(
+                500, "internal error; see the server log", type="server_error"
+            )
+            self._send_error_object(error)
+
+    def _route(self, method: str, path: str) -> None:
+        app = self.server.app
+        methods = ROUTES.get(path)
+        if methods is None and path.startswith("/v1/models/"):
+            methods = {"GET": "model_card"}
+        if methods is None:
+            raise APIError(
+                404, f"no endpoint {path}; see GET /v1/models", code="not_found"
+            )
+        if method not in methods:
+            allowed = ", ".join(methods)
+            raise APIError(
+                405, f"{path} takes {allowed}, not {method}", code="method_not_allowed"
+            )
+        if path not in PUBLIC:
+            self._authorize()
+
+        name = methods[method]
+        if name == "model_card":
+            self.send_json(app.model_card(path[len("/v1/models/") :]))
+        elif method == "GET":
+            self.send_json(getattr(app, name)())
+        else:
+            getattr(app, name)(self._read_json(), self)
+
+    def _authorize(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+            )
+
+    def _read_json(self) -> Any:
+        """The request body as JSON, with its size and syntax checked."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise APIError(
+                411, "send the body with a Content-Length, not chunked", code="length"
+            )
+        length_text = self.headers.get("Content-Length")
+        try:
+            length = int(length_text) if length_text is not None else -1
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            raise APIError(411, "a Content-Length header is required", code="length")
+        if length > self.server.max_body_bytes:
+            self._discard(length)
+            raise APIError(
+                413,
+                f"request body of {length} bytes is larger than this server's "
+                f"limit of {self.server.max_body_bytes} (--max-body-kib)",
+                code="body_too_large",
+            )
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            self.close_connection = True
+            raise APIError(400, "request body ended early", code="invalid_body")
+        try:
+            return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except UnicodeDecodeError as exc:
+            raise APIError(
+                400, f"body is not UTF-8 ({exc})", code="invalid_json"
+            ) from exc
+        except json.JSONDecodeError as exc:
+            raise APIError(
+                400,
+                f"body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+                f"{exc.colno}",
+                code="invalid_json",
+            ) from exc
+        except (ValueError, RecursionError) as exc:
+            raise APIError(
+                400, f"body is not valid JSON: {exc}", code="invalid_json"
+            ) from exc
+
+    def _discard(self, length: int) -> None:
+        """Read and drop a refused body, so the client sees the answer, not a reset.
+
+        Bodies beyond DRAIN_LIMIT are left unread and the connection is closed.
+        """
+        if length > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        while length > 0:
+            data = self.rfile.read(min(length, 1 << 16))
+            if not data:
+                self.close_connection = True
+                return
+            length -= len(data)
+
+    # --- the Client protocol (edgeslm.serve.app) ----------------------------------
+
+    def gone(self) -> bool:
+        """True once the client has closed its end (or a write to it failed)."""
+        if self._dead:
+            return True
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                self._dead = True
+        except (OSError, ValueError):
+            self._dead = True
+        return self._dead
+
+    def send_json(self, body: dict[str, Any], status: int = 200, headers=None) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self._write(lambda: (self.end_headers(), self.wfile.write(data)))
+
+    def start_events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self._write(self.end_headers)
+        self._events = True
+
+    def send_event(self, data: dict[str, Any] | str) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        payload = f"data: {text}\n\n".encode()
+        chunk = b"%x\r\n%s\r\n" % (len(payload), payload)
+        if data == "[DONE]":
+            chunk += b"0\r\n\r\n"  # the end of the chunked body
+            self._events = False
+        self._write(lambda: self.wfile.write(chunk))
+
+    def _write(self, write) -> None:
+        if self._dead:
+            raise ClientGone
+        try:
+            write()
+        except OSError as exc:  # broken pipe, reset, timeout
+            self._dead = True
+            self.close_connection = True
+            raise ClientGone from exc
+
+    # --- errors -------------------------------------------------------------------
+
+    def _send_error_object(self, error: APIError, headers=None) -> None:
+        where = f"{getattr(self, 'command', None)} {getattr(self, 'path', '')}"
+        log.debug("%s: %d %s", where, error.status, error.message)
+        try:
+            if self._events:
+                # The stream has started: the error becomes its last event.
+                self.send_event(error.body())
+                self.send_event("[DONE]")
+            else:
+                self.send_json(error.body(), error.status, headers)
+        except ClientGone:
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain=None) -> None:
+        """Errors found by http.server itself (bad request line, huge headers)."""
+        self._events = self._dead = False
+        self.close_connection = True
+        text = message or self.responses.get(code, ("error",))[0]
+        self._send_error_object(APIError(code, text, code="bad_request"))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON; send a number")
