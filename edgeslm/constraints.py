@@ -11,8 +11,10 @@ offers the tokens the grammar forces (`{"name": "` after a choice of key), which
 the generate loop feeds to the model in one step instead of sampling them.
 
 The engine is llguidance (the grammar engine llama.cpp and onnxruntime-genai use):
-this module writes no parser of its own. It translates llguidance's error messages
-into `ConstraintError` / `UnsupportedSchemaError` naming the offending feature.
+this module writes no parser of its own. A `Constraint` is checked by the engine
+when it is made, before any model is involved, and llguidance's error messages
+become `ConstraintError` / `UnsupportedSchemaError`, which name the offending
+feature, where it sits in the schema, and what to write instead (docs/STRUCTURED.md).
 
 Does not do yet: several constraints in sequence (free text, then JSON); token
 healing of the prompt's last token (the prompt is taken as it is).
@@ -84,6 +86,18 @@ class Constraint:
     kind: str
     source: Any
     grammar: str = dataclasses.field(repr=False)
+
+    def __post_init__(self) -> None:
+        # The engine checks the grammar without a tokenizer (well under a
+        # millisecond for the test suite's schemas): a schema it cannot handle
+        # fails here, before a model is loaded or a prompt computed.
+        llg = _llguidance()
+        is_error, notes = llg.LLMatcher.validate_grammar_with_warnings(self.grammar)
+        if is_error:
+            raise _compile_error(self, notes[0] if notes else "")
+        for note in notes:
+            if not note.startswith("no tokenizer"):  # special tokens: checked later
+                log.warning("%s: %s", self.kind, note.splitlines()[0])
 
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any] | str | bool) -> Constraint:
@@ -281,38 +295,163 @@ def _from_response_format(value: Any) -> Constraint | None:
 
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[([^\]]*)\]")
 _UNKNOWN_FORMAT = re.compile(r"Unknown format: (\S+)")
+# The regex crate's report: the pattern on its own line, then "error: <why>".
+_REGEX_ERROR = re.compile(r"regex parse error:\s*\n\s*(.*?)\n.*?error: ([^\n]+)", re.S)
+_FORMATS = "date-time, time, date, duration, email, hostname, ipv4, ipv6, uuid"
+_LENIENT = (
+    'or add "x-guidance": {"lenient": true} at the top of the schema to ignore '
+    "unsupported keywords and formats (the output is then not checked against them)"
+)
+
+# What to write instead of a keyword the engine does not implement.
+_INSTEAD = {
+    "not": "list the allowed values with enum, or the allowed shapes with anyOf",
+    "if": "anyOf with one branch per case",
+    "dependentRequired": "anyOf of the object with and without the dependent keys",
+    "dependentSchemas": "anyOf of the object with and without the dependent keys",
+    "dependencies": "anyOf of the object with and without the dependent keys",
+    "uniqueItems": "check uniqueness after parsing, or an enum per prefixItems slot",
+    "contains": "prefixItems, or check after parsing",
+    "propertyNames": "properties with fixed names, or patternProperties",
+    "unevaluatedProperties": "additionalProperties",
+    "unevaluatedItems": "items",
+    "$dynamicRef": "a local $ref",
+}
+_INSTEAD.update(
+    {k: _INSTEAD["if"] for k in ("then", "else")}
+    | {k: _INSTEAD["contains"] for k in ("minContains", "maxContains")}
+    | {k: _INSTEAD["$dynamicRef"] for k in ("$dynamicAnchor", "$recursiveRef")}
+)
 
 
 def _compile_error(constraint: Constraint, message: str) -> ConstraintError:
-    """The edgeslm error for llguidance's compile error `message`."""
-    first = message.strip().splitlines()[0] if message.strip() else message
-    if constraint.kind != "json_schema":
-        what = {"regex": "regex", "choice": "choices", "grammar": "grammar"}
-        return ConstraintError(
-            f"{what[constraint.kind]} cannot be compiled: {message.strip()}"
-        )
+    """The edgeslm error for llguidance's compile error `message`.
 
-    features: tuple[str, ...] = ()
+    An `UnsupportedSchemaError` for a JSON schema feature the engine lacks (its
+    `features` name them); a `ConstraintError` for anything else, such as an
+    unsatisfiable schema or a syntax error.
+    """
+    message = message.strip()
+    what = {"json_schema": "json_schema", "regex": "regex", "choice": "choices"}
+    what = what.get(constraint.kind, "grammar")
+    if m := _REGEX_ERROR.search(message):
+        pattern, why = m.group(1).strip(), m.group(2).strip()
+        feature = _regex_feature(why)
+        if feature is None:  # a syntax error
+            return ConstraintError(f"{what}: invalid pattern {pattern!r}: {why}")
+        instead = _PATTERN_INSTEAD[feature]
+        text = f"{what} uses a {feature} in the pattern {pattern!r} ({why}); {instead}"
+        if constraint.kind == "json_schema":
+            return UnsupportedSchemaError(text, (f"pattern with {feature}",))
+        return ConstraintError(text)
+    if "lookarounds not supported" in message:  # \b and friends
+        text = f"{what} uses a look-around in a pattern ({message.splitlines()[0]})"
+        text += f"; {_PATTERN_INSTEAD['look-around']}"
+        if constraint.kind == "json_schema":
+            return UnsupportedSchemaError(text, ("pattern with look-around",))
+        return ConstraintError(text)
+    if constraint.kind != "json_schema" and "JSON schema" not in message:
+        return ConstraintError(f"{what} cannot be compiled: {message}")
+
+    schema = constraint.source if constraint.kind == "json_schema" else None
+    first = message.splitlines()[0]
     if m := _UNIMPLEMENTED.search(message):
-        features = tuple(k.strip().strip('"') for k in m.group(1).split(","))
-    elif m := _UNKNOWN_FORMAT.search(message):
-        features = (f"format: {m.group(1)}",)
-    elif "oneOf" in message:
-        features = ("oneOf",)
-    elif "look-around" in message:
-        features = ("pattern with look-around",)
-    elif "not present in a registry" in message:
-        features = ("$ref to an external document",)
-    if features:
-        return UnsupportedSchemaError(
-            f"json_schema uses {', '.join(repr(f) for f in features)}, which the "
-            f"grammar engine does not support ({first}). Rewrite that part (anyOf "
-            "instead of oneOf, enum or pattern instead of format, local $refs only), "
-            'or add "x-guidance": {"lenient": true} at the top of the schema to '
-            "ignore unsupported keywords (the output is then not checked against them)",
-            features,
+        keys = tuple(k.strip().strip('"') for k in m.group(1).split(",") if k.strip())
+        parts = []
+        for key in keys:
+            where = _pointers(schema, key) if schema is not None else []
+            at = f" at {', '.join(where[:3])}" if where else ""
+            parts.append(f"{key!r}{at} ({_INSTEAD.get(key, 'leave it out')})")
+        text = (
+            f"{what} uses {'; '.join(parts)}: the grammar engine does not support "
+            f"{'this keyword' if len(keys) == 1 else 'these keywords'}. Rewrite "
+            f"as suggested, {_LENIENT}"
         )
-    return ConstraintError(f"json_schema cannot be used: {first}")
+        return UnsupportedSchemaError(text, keys)
+    if m := _UNKNOWN_FORMAT.search(message):
+        fmt = m.group(1).strip("\"'.,")
+        text = (
+            f'{what} uses "format": {fmt!r}, which the grammar engine does not '
+            f"know (it knows {_FORMATS}). Use a pattern instead, {_LENIENT}"
+        )
+        return UnsupportedSchemaError(text, (f"format: {fmt}",))
+    if "oneOf" in message and "not supported" in message:
+        where = _pointers(schema, "oneOf") if schema is not None else []
+        at = f" at {', '.join(where[:3])}" if where else ""
+        text = (
+            f"{what} uses 'oneOf'{at}, which the grammar engine supports only when "
+            "its branches cannot both match. Write anyOf instead (the same schema "
+            'when the branches exclude each other), or add "x-guidance": '
+            '{"coerce_one_of": true} at the top to treat it as anyOf (an output may '
+            "then match two branches and fail oneOf validation)"
+        )
+        return UnsupportedSchemaError(text, ("oneOf",))
+    if "not present in a registry" in message:
+        text = (
+            f"{what} has a $ref to another document ({first}); the grammar engine "
+            "reads no files or URLs. Copy the referenced schema into $defs and "
+            'point at it with "$ref": "#/$defs/..."'
+        )
+        return UnsupportedSchemaError(text, ("$ref to an external document",))
+    if first.startswith("Unsatisfiable schema: "):
+        why = first.removeprefix("Unsatisfiable schema: ")
+        return ConstraintError(
+            f"{what} accepts no value ({why}); fix the schema so that some value "
+            "is valid"
+        )
+    return ConstraintError(f"{what} cannot be used: {first}")
+
+
+# What to write instead of a pattern feature (the regex crate has no backtracking).
+_PATTERN_INSTEAD = {
+    "look-around": "rewrite the pattern without look-ahead, look-behind or \\b",
+    "backreference": "spell out the repeated part instead of referring back to it",
+}
+
+
+def _regex_feature(why: str) -> str | None:
+    """The unsupported feature a regex error names, or None for a syntax error."""
+    if "look-around" in why or "lookaround" in why:
+        return "look-around"
+    if "backreference" in why:
+        return "backreference"
+    return None
+
+
+def _pointers(schema: Any, keyword: str, path: str = "") -> list[str]:
+    """JSON pointers (`/properties/a/not`) to where `keyword` is used in `schema`.
+
+    Names under `properties` and values of data keywords (`enum`, `const`, ...)
+    are not keywords, so a property named "not" is not reported.
+    """
+    if isinstance(schema, list):
+        return [
+            p
+            for i, item in enumerate(schema)
+            for p in _pointers(item, keyword, f"{path}/{i}")
+        ]
+    if not isinstance(schema, Mapping):
+        return []
+    found = [f"{path}/{_escape(keyword)}"] if keyword in schema else []
+    for key, value in schema.items():
+        here = f"{path}/{_escape(key)}"
+        if key in _DATA_KEYWORDS:
+            continue
+        if key in _NAMED_SCHEMAS and isinstance(value, Mapping):
+            for name, sub in value.items():
+                found += _pointers(sub, keyword, f"{here}/{_escape(name)}")
+        else:
+            found += _pointers(value, keyword, here)
+    return found
+
+
+_NAMED_SCHEMAS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+
+
+def _escape(key: str) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")
 
 
 # --- the engine: one per tokenizer ------------------------------------------------

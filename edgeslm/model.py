@@ -10,7 +10,11 @@ The cache remembers which tokens it holds, so a new prompt that starts with them
 oldest tokens after a kept prefix are dropped and the kept keys re-rotated (RoPE), or
 the kept tokens computed again (learned positions: the manifest's `context_shift`).
 
-Not yet: batching several sequences; grammar-constrained decoding.
+A constraint (JSON schema, regex, choices, grammar; docs/STRUCTURED.md) puts a
+token mask from `edgeslm.constraints.Guide` before each sampling step and
+feeds the tokens it forces in one step.
+
+Not yet: batching several sequences.
 """
 
 from __future__ import annotations

@@ -9,18 +9,22 @@ and `Model.tool_call` call these functions.
   the model either calls one tool, with arguments valid against its schema, or
   answers in plain text.
 
-Tool-call format: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`
-(the Hermes / Qwen convention, which SmolLM2's larger siblings were also trained
-on). A chat template that takes `tools` renders the definitions itself; for any
-other template a system message lists them (`DEFAULT_TOOL_PROMPT`).
+Tool calls are written in the format the model's chat template expects when the
+template renders tools itself (`tool_call_format` recognizes the Hermes / Qwen
+`<tool_call>` blocks, SmolLM2's list inside `<tool_call>` tags, Llama 3.1's JSON
+with "parameters", and Mistral's `[TOOL_CALLS]`). For any other template, which
+includes every model edgeslm ships, the tools are listed in a system message
+(`DEFAULT_TOOL_PROMPT`) and the call is a Hermes block (`DEFAULT_TOOL_FORMAT`):
+`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`.
+docs/STRUCTURED.md says why, and how well SmolLM2-135M picks tools.
 
-Does not do yet: several tool calls in one answer; passing earlier tool calls and
-their results back through the template (give them as plain message text).
+Does not do yet: several tool calls in one answer (the list formats hold one).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,14 +33,22 @@ from typing import Any
 from edgeslm.constraints import Constraint, StructuredGeneration, lark_json
 from edgeslm.errors import ConstraintError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "DEFAULT_TOOL_FORMAT",
     "DEFAULT_TOOL_PROMPT",
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_FORMATS",
+    "TOOL_CALL_OPEN",
     "Tool",
     "ToolCall",
+    "ToolCallFormat",
     "ToolResponse",
     "choose",
     "extract",
     "tool_call",
+    "tool_call_format",
 ]
 
 # Labels and text in one user message, each label quoted: on SmolLM2-135M this
@@ -50,15 +62,6 @@ DEFAULT_EXTRACT_PROMPT = (
     "Extract the information in the user's text as JSON following this schema:\n"
     "{schema}\nUse only facts from the text."
 )
-DEFAULT_TOOL_PROMPT = (
-    "You can call these tools:\n<tools>\n{tools}\n</tools>\n"
-    "To call a tool, answer only with:\n"
-    '<tool_call>\n{{"name": <tool name>, "arguments": <arguments object>}}\n'
-    "</tool_call>\nIf no tool fits, answer the user in plain text."
-)
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
-TOOL_CHOICES = ("auto", "required", "none")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -215,30 +218,138 @@ def extract(
 # --- tool calls -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How a model writes one tool call: `prefix`, a JSON object, `suffix`.
+
+    The object is `{"name": <tool name>, <arguments_key>: {...}}`. A part of the
+    prefix or suffix that is a special token of the model's vocabulary
+    (`<tool_call>`, `[TOOL_CALLS]`) is generated as that token.
+
+    Attributes:
+        name: the key in `TOOL_CALL_FORMATS`.
+        prefix: text before the JSON object ("" for none).
+        suffix: text after it.
+        arguments_key: "arguments", or "parameters" (Llama 3.1's JSON calls).
+    """
+
+    name: str
+    prefix: str
+    suffix: str
+    arguments_key: str = "arguments"
+
+    def render(self, name: str, arguments: Mapping[str, Any]) -> str:
+        """A call as the model writes it (for earlier calls in a conversation)."""
+        body = {"name": name, self.arguments_key: dict(arguments)}
+        return f"{self.prefix}{json.dumps(body, ensure_ascii=False)}{self.suffix}"
+
+    def is_call(self, raw: str) -> bool:
+        """Whether a constrained answer (special tokens kept) is a call."""
+        start = self.prefix.strip() or "{"
+        return raw.lstrip().startswith(start)
+
+    def parse(self, raw: str) -> dict[str, Any]:
+        """The JSON object of a call written by `render` or by the grammar.
+
+        Raises:
+            ConstraintError: not a call in this format.
+        """
+        body = raw.strip().removeprefix(self.prefix.strip())
+        body = body.removesuffix(self.suffix.strip()).strip()
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise ConstraintError(f"tool call is not JSON ({exc}): {raw!r}") from exc
+        if not isinstance(data, dict) or not isinstance(
+            data.get(self.arguments_key), dict
+        ):
+            raise ConstraintError(
+                f"tool call must be an object with name and {self.arguments_key}, "
+                f"got {raw!r}"
+            )
+        return data
+
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+# The formats of the chat templates edgeslm recognizes (`tool_call_format`).
+TOOL_CALL_FORMATS = {
+    # Hermes 2/3, Qwen 2.5, SmolLM3: one object per <tool_call> block.
+    "hermes": ToolCallFormat("hermes", f"{TOOL_CALL_OPEN}\n", f"\n{TOOL_CALL_CLOSE}"),
+    # SmolLM2's function-calling convention: a list of calls inside the tags.
+    "smollm2": ToolCallFormat("smollm2", f"{TOOL_CALL_OPEN}[", f"]{TOOL_CALL_CLOSE}"),
+    # Llama 3.1 / 3.2: a bare JSON object with "parameters".
+    "llama3-json": ToolCallFormat("llama3-json", "", "", "parameters"),
+    # Mistral v3 templates: a control token, then a list of calls.
+    "mistral": ToolCallFormat("mistral", "[TOOL_CALLS] [", "]"),
+}
+# For a template that does not render tools (SmolLM2-135M's, Llama-68M-Chat's,
+# ChatML): `DEFAULT_TOOL_PROMPT` in a system message, answers in this format.
+DEFAULT_TOOL_FORMAT = TOOL_CALL_FORMATS["hermes"]
+DEFAULT_TOOL_PROMPT = (
+    "You can call these tools:\n<tools>\n{tools}\n</tools>\n"
+    "To call a tool, answer only with:\n{example}\n"
+    "If no tool fits, answer the user in plain text."
+)
+TOOL_CHOICES = ("auto", "required", "none")
+# Parts of a prefix or suffix that may be special tokens.
+_MARKER = re.compile(r"(<[^<>\s]+>|\[[A-Z_]+\])")
+
+
+def tool_call_format(model: Any) -> tuple[ToolCallFormat, bool]:
+    """The call format `model` expects, and whether its template renders tools.
+
+    A template that reads `tools` and writes calls in a known format gets the
+    tools (the template says how to call them); any other gets
+    `DEFAULT_TOOL_PROMPT` and `DEFAULT_TOOL_FORMAT`.
+    """
+    source = model.chat_template.source
+    if not re.search(r"\btools\b", source):
+        return DEFAULT_TOOL_FORMAT, False
+    if "[TOOL_CALLS]" in source:
+        return TOOL_CALL_FORMATS["mistral"], True
+    if re.search(r"<tool_call>(\\n|\n|\s)*\[", source):
+        return TOOL_CALL_FORMATS["smollm2"], True
+    if TOOL_CALL_OPEN in source:
+        return TOOL_CALL_FORMATS["hermes"], True
+    if "ipython" in source and re.search(r"\"parameters\"\s*:", source):
+        return TOOL_CALL_FORMATS["llama3-json"], True
+    log.info(
+        "the chat template renders tools but writes calls in a format edgeslm "
+        "does not know; offering them with the default prompt instead"
+    )
+    return DEFAULT_TOOL_FORMAT, False
+
+
 def tool_call(
     model: Any,
     messages: Sequence[Mapping[str, Any]] | str,
     tools: Sequence[Tool | Mapping[str, Any]],
     *,
     tool_choice: str = "auto",
+    call_format: ToolCallFormat | str | None = None,
     **gen_options: Any,
 ) -> ToolResponse:
     """Let the model call one of `tools` or answer in plain text.
 
     Args:
         model: a loaded `Model`.
-        messages: the conversation (or one user message as text).
+        messages: the conversation (or one user message as text). Assistant
+            messages may carry earlier calls as OpenAI `tool_calls`; `tool`
+            messages carry their results.
         tools: `Tool`s or dicts (`{"name", "description", "parameters"}` or the
             OpenAI `{"type": "function", "function": {...}}` shape).
         tool_choice: "auto" (call or answer), "required" (must call one), "none"
-            (plain answer only), or a tool name (must call that one).
+            (plain answer, tools not offered), or a tool name (must call that one).
+        call_format: override the format (`TOOL_CALL_FORMATS` key or a
+            `ToolCallFormat`); default: `tool_call_format(model)`.
         **gen_options: generation options.
 
     Returns:
-        The call (validated against the tool's schema) or the plain answer.
+        The call (its arguments valid against the tool's schema) or the answer.
 
     Raises:
-        ConstraintError: malformed tools or tool_choice.
+        ConstraintError: malformed tools, tool_choice or earlier calls.
         TruncatedOutputError: the answer did not finish within max_tokens.
     """
     specs = [Tool.from_spec(t) for t in tools]
@@ -252,60 +363,118 @@ def tool_call(
             f"tool_choice must be one of {TOOL_CHOICES} or a tool name {names}, "
             f"got {tool_choice!r}"
         )
+    expected, native = tool_call_format(model)
+    fmt = expected if call_format is None else _format(call_format)
+    native = native and fmt == expected  # else the template would ask for another
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    prompt = _render_with_tools(model, list(messages), specs)
+    offered = [] if tool_choice == "none" else specs
+    prompt = _render_with_tools(model, list(messages), offered, fmt, native)
     callable_tools = [t for t in specs if tool_choice in (*TOOL_CHOICES, t.name)]
-    grammar = _tool_grammar(model, callable_tools, tool_choice)
+    grammar = _tool_grammar(model, callable_tools, tool_choice, fmt)
     gen = model.generate(prompt, add_bos=False, grammar=grammar, **gen_options)
     if not gen.complete:
         gen.value()  # raises TruncatedOutputError with the details
-    return _parse_response(model, gen, {t.name for t in specs})
+    raw = model.tokenizer.decode(gen.tokens, skip_special_tokens=False)
+    if tool_choice == "none" or not fmt.is_call(raw):
+        return ToolResponse(None, gen.text, gen)
+    data = fmt.parse(raw)
+    if data.get("name") not in names:  # the grammar makes this unreachable
+        raise ConstraintError(f"tool call names an unknown tool: {data.get('name')!r}")
+    call = ToolCall(data["name"], data[fmt.arguments_key])
+    return ToolResponse(call, gen.text, gen)
+
+
+def _format(value: ToolCallFormat | str) -> ToolCallFormat:
+    if isinstance(value, ToolCallFormat):
+        return value
+    if value not in TOOL_CALL_FORMATS:
+        raise ConstraintError(
+            f"call_format must be one of {sorted(TOOL_CALL_FORMATS)} or a "
+            f"ToolCallFormat, got {value!r}"
+        )
+    return TOOL_CALL_FORMATS[value]
 
 
 def _render_with_tools(
-    model: Any, messages: list[dict[str, Any]], tools: list[Tool]
+    model: Any,
+    messages: list[Mapping[str, Any]],
+    tools: list[Tool],
+    fmt: ToolCallFormat,
+    native: bool,
 ) -> str:
     """The prompt: the template renders the tools if it knows how, else we do."""
     template = model.chat_template
-    if _template_takes_tools(template.source):
-        return template.render(messages, tools=[t.to_spec() for t in tools])
+    if native:
+        # The template renders earlier calls itself, from `tool_calls`.
+        history = [{**m, "content": m.get("content") or ""} for m in messages]
+        return template.render(history, tools=[t.to_spec() for t in tools] or None)
+    history = [_calls_as_text(m, fmt) for m in messages]
+    if not tools:
+        return template.render(history)
     listing = "\n".join(json.dumps(t.to_spec(), ensure_ascii=False) for t in tools)
-    prompt = DEFAULT_TOOL_PROMPT.format(tools=listing)
-    if messages and messages[0].get("role") == "system":
-        first = dict(messages[0])
+    example = fmt.render("<tool name>", {}).replace("{}", "<arguments object>")
+    prompt = DEFAULT_TOOL_PROMPT.format(tools=listing, example=example)
+    if history and history[0].get("role") == "system":
+        first = dict(history[0])
         first["content"] = f"{first.get('content', '')}\n\n{prompt}".strip()
-        messages = [first, *messages[1:]]
+        history = [first, *history[1:]]
     else:
-        messages = [{"role": "system", "content": prompt}, *messages]
-    return template.render(messages)
+        history = [{"role": "system", "content": prompt}, *history]
+    return template.render(history)
 
 
-def _template_takes_tools(source: str) -> bool:
-    """Whether a Jinja chat template reads the `tools` variable."""
-    return re.search(r"\btools\b", source) is not None
+def _calls_as_text(message: Mapping[str, Any], fmt: ToolCallFormat) -> dict:
+    """A message whose OpenAI `tool_calls` are written into its text in `fmt`."""
+    out = {k: v for k, v in message.items() if k != "tool_calls"}
+    calls = message.get("tool_calls")
+    if not calls:
+        return out
+    if not isinstance(calls, Sequence) or isinstance(calls, str):
+        raise ConstraintError("tool_calls must be a list of calls")
+    texts = [message["content"]] if message.get("content") else []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise ConstraintError(f"each tool call needs function.name, got {call!r}")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as exc:
+                raise ConstraintError(
+                    f"tool call {fn['name']!r}: arguments are not JSON ({exc})"
+                ) from exc
+        if not isinstance(args, Mapping):
+            raise ConstraintError(f"tool call {fn['name']!r}: arguments not an object")
+        texts.append(fmt.render(fn["name"], args))
+    out["content"] = "\n".join(texts)
+    return out
 
 
-def _tool_grammar(model: Any, tools: list[Tool], tool_choice: str) -> Constraint:
-    """Lark grammar: a `<tool_call>` block with one tool's JSON, or plain text."""
+def _tool_grammar(
+    model: Any, tools: list[Tool], tool_choice: str, fmt: ToolCallFormat
+) -> Constraint:
+    """Lark grammar: one call in `fmt` with a tool's JSON, or plain text."""
     call_schema = {
         "anyOf": [
             {
                 "type": "object",
                 "properties": {
                     "name": {"const": t.name},
-                    "arguments": dict(t.parameters),
+                    fmt.arguments_key: dict(t.parameters),
                 },
-                "required": ["name", "arguments"],
+                "required": ["name", fmt.arguments_key],
             }
             for t in tools
         ]
     }
-    open_, close = (_marker(model, m) for m in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE))
-    # A plain answer must not start with '<', so it can't be mistaken for a call.
-    answer = "answer: /[^<\\s](.|\\n)*/"
+    # A plain answer must not start like a call (nor with whitespace).
+    first = (fmt.prefix.strip() or "{")[0]
+    answer = f"answer: /[^{re.escape(first)}\\s](.|\\n)*/"
     call = (
-        f'call: {open_} "\\n" call_json "\\n" {close}\n'
+        f"call: {_lark_text(model, fmt.prefix)} call_json "
+        f"{_lark_text(model, fmt.suffix)}\n"
         f"call_json: {lark_json(call_schema)}"
     )
     if tool_choice == "none":
@@ -315,34 +484,19 @@ def _tool_grammar(model: Any, tools: list[Tool], tool_choice: str) -> Constraint
     return Constraint.lark(f"start: call\n{call}")
 
 
-def _marker(model: Any, text: str) -> str:
-    """A tool-call marker in Lark: the special token if the vocabulary has one."""
-    token_id = model.tokenizer.token_to_id(text)
-    if token_id is not None and model.tokenizer.is_special(token_id):
-        return text  # `<tool_call>` in Lark names the special token
-    return json.dumps(text)
-
-
-def _parse_response(
-    model: Any, gen: StructuredGeneration, names: set[str]
-) -> ToolResponse:
-    """Split the output into a call or a plain answer (the grammar made it one)."""
-    text = gen.text.strip()
-    open_id = model.tokenizer.token_to_id(TOOL_CALL_OPEN)
-    # A special-token marker is left out of the text; look at the first token.
-    is_call = text.startswith(TOOL_CALL_OPEN) or (
-        open_id is not None and gen.tokens[:1] == [open_id]
-    )
-    if not is_call:
-        return ToolResponse(None, gen.text, gen)
-    body = text.removeprefix(TOOL_CALL_OPEN).removesuffix(TOOL_CALL_CLOSE).strip()
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError as exc:  # the grammar makes this unreachable
-        raise ConstraintError(f"tool call is not JSON ({exc}): {body!r}") from exc
-    if data.get("name") not in names:
-        raise ConstraintError(f"tool call names an unknown tool: {data.get('name')!r}")
-    return ToolResponse(ToolCall(data["name"], data["arguments"]), gen.text, gen)
+def _lark_text(model: Any, text: str) -> str:
+    """`text` as a Lark sequence; markers in the vocabulary as special tokens."""
+    parts = []
+    for piece in _MARKER.split(text):
+        if not piece:
+            continue
+        token_id = model.tokenizer.token_to_id(piece)
+        if _MARKER.fullmatch(piece) and token_id is not None:
+            if model.tokenizer.is_special(token_id):
+                parts.append(f"<[{token_id}]>")
+                continue
+        parts.append(json.dumps(piece))
+    return " ".join(parts)
 
 
 def _text(text: Any) -> str:

@@ -5,7 +5,10 @@
   nullable fields) with 110 prompts. Every greedy answer must be complete, parse
   and validate with `jsonschema`; a subset again at temperature 1.0.
 - regex.json and choices.json: every output matches / is one of the options.
-- Tool calls: a validated `{name, arguments}` with `tool_choice="required"`.
+- Tool calls: a validated `{name, arguments}` with `tool_choice="required"`, in
+  the default format and in each format a chat template can ask for (templates
+  written here in the shape of the families' own), earlier calls passed back,
+  and markers that are special tokens.
 
 One model is loaded for the module; the schema's system prompt is shared by its
 prompts, so the cache computes it once per schema.
@@ -27,6 +30,8 @@ from edgeslm.constraints import engine_for
 from edgeslm.export import export_model
 
 DATA = Path(__file__).parent / "data" / "structured"
+# "format": "date" and "date-time" are checked too (the latter by rfc3339-validator).
+FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
 # Generous for the suite's bounded schemas (strings have maxLength, arrays maxItems).
 MAX_TOKENS = 160
 
@@ -57,7 +62,9 @@ def run_suite(model, entries, report, label, **options):
     tokens = 0
     started = time.perf_counter()
     for entry in entries:
-        validator = jsonschema.Draft202012Validator(entry["schema"])
+        validator = jsonschema.Draft202012Validator(
+            entry["schema"], format_checker=FORMATS
+        )
         for prompt in entry["prompts"]:
             gen = _extract(model, prompt, entry["schema"], **options)
             tokens += len(gen.tokens)
@@ -131,7 +138,7 @@ def test_choose_is_sensible_on_clear_cases(model):
 def test_extract_returns_python_objects(model):
     schema = load("schemas.json")["schemas"][0]["schema"]
     value = model.extract("Turn off the bedroom light.", schema)
-    jsonschema.validate(value, schema)
+    jsonschema.validate(value, schema, format_checker=FORMATS)
     assert value["device"] == "light"
 
 
@@ -174,6 +181,179 @@ def test_tool_call_required_is_validated(model):
     assert response.call.name == "get_weather"
     response = model.tool_call("Hi!", tools, tool_choice="none", max_tokens=16)
     assert response.call is None and not response.text.startswith("<")
+
+
+# Chat templates that render tools, in the shape of each family's own (written
+# here, shortened): what `tool_call_format` must recognize.
+_TURNS = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}CALLS{% endfor %}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_TOOLS = "{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+_CALL = "{{ {'name': c.function.name, 'ARGS': c.function.arguments} | tojson }}"
+TEMPLATES = {
+    "hermes": (
+        "{% if tools %}<|im_start|>system\nYou may call tools.\n<tools>\n"
+        + _TOOLS
+        + "</tools>\nAnswer a call as <tool_call>\n{...}\n</tool_call>"
+        "<|im_end|>\n{% endif %}"
+        + _TURNS.replace("CALLS", "<tool_call>\n" + _CALL + "\n</tool_call>")
+    ),
+    "smollm2": (
+        "{% if tools %}<|im_start|>system\nFunctions:\n<tools>"
+        + _TOOLS
+        + "</tools>\nWrite calls as <tool_call>[...]</tool_call><|im_end|>\n"
+        "{% endif %}"
+        + _TURNS.replace("CALLS", "<tool_call>[" + _CALL + "]</tool_call>")
+    ),
+    "llama3-json": (
+        "{% if tools %}<|im_start|>ipython\n"
+        + _TOOLS
+        + 'Reply {"name": function name, "parameters": dictionary of arguments}'
+        "<|im_end|>\n{% endif %}"
+        + _TURNS.replace("CALLS", _CALL.replace("ARGS", "parameters"))
+    ),
+    "mistral": (
+        "{% if tools %}[AVAILABLE_TOOLS]"
+        + _TOOLS
+        + "[/AVAILABLE_TOOLS]{% endif %}"
+        + _TURNS.replace("CALLS", "[TOOL_CALLS] [" + _CALL + "]")
+    ),
+}
+TEMPLATES = {k: v.replace("ARGS", "arguments") for k, v in TEMPLATES.items()}
+LIGHT = {
+    "name": "set_light",
+    "description": "Switch a light on or off",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "room": {"enum": ["kitchen", "bedroom", "hall"]},
+            "on": {"type": "boolean"},
+        },
+        "required": ["room", "on"],
+    },
+}
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather forecast for a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}},
+        "required": ["city"],
+    },
+}
+
+
+@pytest.fixture
+def prompts(model, monkeypatch):
+    """The prompts `model.generate` receives, in order."""
+    seen = []
+    generate = model.generate
+
+    def spy(prompt, **options):
+        seen.append(prompt)
+        return generate(prompt, **options)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", sorted(TEMPLATES))
+def test_tool_call_in_the_format_the_template_expects(model, prompts, family):
+    from edgeslm.chat_template import ChatTemplate
+    from edgeslm.structured import TOOL_CALL_FORMATS, tool_call_format
+
+    own = model.chat_template
+    model.chat_template = ChatTemplate(TEMPLATES[family])
+    try:
+        fmt, native = tool_call_format(model)
+        assert (fmt.name, native) == (family, True)
+        response = model.tool_call(
+            "Turn off the bedroom light.", [LIGHT, WEATHER], tool_choice="set_light"
+        )
+    finally:
+        model.chat_template = own
+    # The template, not edgeslm's default prompt, offered the tools.
+    assert '"set_light"' in prompts[-1] and "You can call these" not in prompts[-1]
+    raw = model.tokenizer.decode(response.generation.tokens)
+    assert raw.startswith(TOOL_CALL_FORMATS[family].prefix), raw
+    assert raw.endswith(TOOL_CALL_FORMATS[family].suffix), raw
+    assert response.call.name == "set_light"
+    jsonschema.validate(response.call.arguments, LIGHT["parameters"])
+
+
+def test_tool_call_default_format_without_template_support(model, prompts):
+    from edgeslm.structured import DEFAULT_TOOL_FORMAT, tool_call_format
+
+    # SmolLM2-135M's own template ignores `tools`.
+    assert tool_call_format(model) == (DEFAULT_TOOL_FORMAT, False)
+    history = [
+        {"role": "user", "content": "Turn off the bedroom light."},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "set_light",
+                        "arguments": '{"room": "bedroom", "on": false}',
+                    },
+                }
+            ],
+        },
+        {"role": "tool", "content": "done"},
+        {"role": "user", "content": "What is the weather in Paris?"},
+    ]
+    response = model.tool_call(history, [LIGHT, WEATHER], tool_choice="required")
+    assert "You can call these tools" in prompts[-1]
+    # The earlier call is shown in the format the model answers in.
+    earlier = DEFAULT_TOOL_FORMAT.render("set_light", {"room": "bedroom", "on": False})
+    assert earlier in prompts[-1]
+    assert response.call is not None
+    schemas = {"set_light": LIGHT["parameters"], "get_weather": WEATHER["parameters"]}
+    jsonschema.validate(response.call.arguments, schemas[response.call.name])
+
+
+def test_tool_call_markers_that_are_special_tokens(model):
+    from edgeslm.structured import ToolCallFormat
+
+    # SmolLM2 has no tool-call tokens; two of its special tokens stand in.
+    fmt = ToolCallFormat("special", "<repo_name>", "<file_sep>")
+    response = model.tool_call(
+        "Turn on the kitchen light.", [LIGHT], tool_choice="required", call_format=fmt
+    )
+    open_id = model.tokenizer.token_to_id("<repo_name>")
+    close_id = model.tokenizer.token_to_id("<file_sep>")
+    tokens = response.generation.tokens
+    assert tokens[0] == open_id and tokens[-1] == close_id  # one token each
+    assert "<repo_name>" not in response.text  # special tokens stay out of text
+    jsonschema.validate(response.call.arguments, LIGHT["parameters"])
+
+
+def test_tool_call_errors(model):
+    from edgeslm.errors import ConstraintError
+
+    with pytest.raises(ConstraintError, match="distinct names"):
+        model.tool_call("x", [LIGHT, LIGHT])
+    with pytest.raises(ConstraintError, match="tool_choice must be one of"):
+        model.tool_call("x", [LIGHT], tool_choice="get_weather")
+    with pytest.raises(ConstraintError, match="tool name must be"):
+        model.tool_call("x", [{"name": "bad name!"}])
+    with pytest.raises(ConstraintError, match="call_format must be one of"):
+        model.tool_call("x", [LIGHT], call_format="yaml")
+    with pytest.raises(ConstraintError, match="uniqueItems"):
+        bad = dict(LIGHT, parameters={"type": "array", "uniqueItems": True})
+        model.tool_call("x", [bad])
+    broken = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "set_light", "arguments": "{oops"}}],
+    }
+    with pytest.raises(ConstraintError, match="arguments are not JSON"):
+        model.tool_call([{"role": "user", "content": "x"}, broken], [LIGHT])
 
 
 def test_grammar_engine_is_built_once(model):
