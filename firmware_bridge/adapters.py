@@ -23,8 +23,7 @@ from typing import Any
 
 from edgeslm.intent.registry import Device
 from firmware_bridge.commands import CommandRejected, DeviceCommand
-
-PROTOCOL_VERSION = 1
+from firmware_bridge.protocol import PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from edgeslm.intent.result import IntentResult
 from firmware_bridge.recognizer import resolve_devices
 
 # Request ids travel in topics' payloads and in SQLite keys; keep them plain.
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,48}")  # use with fullmatch
 
 # Action -> the capability a device needs for it.
 ACTION_CAPABILITY = {
@@ -83,16 +83,24 @@ def plan_commands(
     request_id: str,
     ttl: float,
     now: float | None = None,
+    min_confidence: float = 0.0,
 ) -> list[DeviceCommand]:
     """Turn a recognized intent into checked commands, one per targeted device.
 
     Raises:
-        CommandRejected: unsupported intent, no or unknown device, action not allowed,
-            value missing or out of range.
+        CommandRejected: not recognized or below `min_confidence`, unsupported
+            intent, no or unknown device, action not allowed, value missing or out
+            of range.
     """
     if result.intent is None:
         raise CommandRejected(
             "not_recognized", f"no intent recognized in {result.text!r}"
+        )
+    if result.confidence < min_confidence:
+        raise CommandRejected(
+            "low_confidence",
+            f"{result.intent} from the {result.layer} layer with confidence "
+            f"{result.confidence:.2f}; the bridge acts at {min_confidence:.2f} or more",
         )
     targets = list(result.devices) or resolve_devices(registry, result.slots)
     if not targets:

@@ -20,7 +20,7 @@ class BridgeConfigError(EdgeSLMError, ValueError):
 
 
 # A topic level the configuration may use (prefix, site, instance, group).
-_LEVEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")  # use with fullmatch
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class BrokerConfig:
     keepalive: int = 30
     reconnect_min: float = 1.0  # seconds, doubled on each failure up to reconnect_max
     reconnect_max: float = 30.0
+    # MQTT 5: how long the broker keeps the bridge's session (subscriptions, queued
+    # messages) while it is away. Shorter moves a dead bridge's share of a shared
+    # subscription to the others sooner, but drops what was queued for it.
+    session_expiry: int = 7 * 24 * 3600
 
     def resolved_password(self) -> str | None:
         if self.password_file:
@@ -94,8 +98,9 @@ class BridgeConfig:
     dry_run: bool = False
     hermes: HermesConfig = field(default_factory=HermesConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
-    recognizer: str = "auto"  # "auto" (edgeslm.intent when present) or "templates"
+    recognizer: str = "auto"  # "auto", "intent", "encoder" or "templates"
     max_payload: int = 65536  # bytes; larger requests are refused
+    min_confidence: float = 0.5  # recognized intents below this are not carried out
 
     @property
     def base(self) -> str:
@@ -149,7 +154,21 @@ def config_from_dict(
         if key in data:
             data[key] = _section(cls, data[key], f"{where}: {key}")
     config = _section(BridgeConfig, data, where)
-    return _resolved(_checked(config, where), base_dir)
+    config = _resolved(_checked(config, where), base_dir)
+    _files_exist(config, where)
+    return config
+
+
+def _files_exist(config: BridgeConfig, where: str) -> None:
+    """The TLS and password files the config names must be there (say which not)."""
+    tls = config.broker.tls
+    files = {"broker.password_file": config.broker.password_file}
+    if tls is not None:
+        files.update({"broker.tls.ca": tls.ca, "broker.tls.cert": tls.cert})
+        files["broker.tls.key"] = tls.key
+    for key, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise BridgeConfigError(f"{where}: {key}: no file at {path}")
 
 
 def _section(cls: type, value: Any, where: str) -> Any:
@@ -178,12 +197,12 @@ def _section(cls: type, value: Any, where: str) -> Any:
 
 def _checked(config: BridgeConfig, where: str) -> BridgeConfig:
     for name in ("site", "prefix", "instance"):
-        if not _LEVEL.match(str(getattr(config, name))):
+        if not _LEVEL.fullmatch(str(getattr(config, name))):
             raise BridgeConfigError(
                 f"{where}: '{name}' must be 1-64 letters, digits, '_' or '-', "
                 f"got {getattr(config, name)!r}"
             )
-    if config.share_group is not None and not _LEVEL.match(str(config.share_group)):
+    if config.share_group is not None and not _LEVEL.fullmatch(str(config.share_group)):
         raise BridgeConfigError(
             f"{where}: 'share_group' must be 1-64 letters, digits, '_' or '-', "
             f"got {config.share_group!r}"
@@ -195,6 +214,11 @@ def _checked(config: BridgeConfig, where: str) -> BridgeConfig:
         )
     if config.share_group and config.broker.protocol != "5":
         raise BridgeConfigError(f"{where}: share_group needs broker.protocol 5")
+    if not 0 <= config.broker.session_expiry <= 0xFFFFFFFF:
+        raise BridgeConfigError(
+            f"{where}: broker.session_expiry must be 0..4294967295 seconds, "
+            f"got {config.broker.session_expiry}"
+        )
     d = config.delivery
     if d.ack_timeout <= 0 or d.max_attempts < 1 or d.command_ttl <= 0:
         raise BridgeConfigError(
@@ -206,10 +230,14 @@ def _checked(config: BridgeConfig, where: str) -> BridgeConfig:
             f"{where}: rate_limit needs per_second > 0 and burst >= 1, "
             f"got {config.rate_limit}"
         )
-    if config.recognizer not in ("auto", "templates"):
+    if config.recognizer not in ("auto", "intent", "encoder", "templates"):
         raise BridgeConfigError(
-            f"{where}: recognizer must be 'auto' or 'templates', "
-            f"got {config.recognizer!r}"
+            f"{where}: recognizer must be 'auto', 'intent', 'encoder' or "
+            f"'templates', got {config.recognizer!r}"
+        )
+    if not 0.0 <= config.min_confidence <= 1.0:
+        raise BridgeConfigError(
+            f"{where}: min_confidence must be in 0..1, got {config.min_confidence}"
         )
     if not 256 <= config.max_payload <= 1 << 20:
         raise BridgeConfigError(

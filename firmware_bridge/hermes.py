@@ -20,10 +20,12 @@ from edgeslm.intent.result import IntentResult
 QUERY_TOPIC = "hermes/nlu/query"
 NOT_RECOGNIZED_TOPIC = "hermes/nlu/intentNotRecognized"
 INTENT_TOPIC = "hermes/intent/{}"
-_INTENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_INTENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # use with fullmatch
 
-# Echoed from the query to the answer when present.
+# Echoed from the query to the answer when present; intentNotRecognized has fewer
+# fields than an intent message (Rhasspy's NluIntentNotRecognized).
 _ECHO = ("siteId", "id", "sessionId", "customData", "wakewordId", "lang")
+_ECHO_NOT_RECOGNIZED = ("siteId", "id", "sessionId", "customData")
 
 
 class HermesError(ValueError):
@@ -58,8 +60,13 @@ def answer(query: dict[str, Any], result: IntentResult) -> tuple[str, dict[str, 
     echo.setdefault("siteId", "default")
     wanted = query.get("intentFilter")
     name = result.intent
-    if name is None or not _INTENT_NAME.match(name) or (wanted and name not in wanted):
-        return NOT_RECOGNIZED_TOPIC, {"input": query["input"], **echo}
+    if (
+        name is None
+        or not _INTENT_NAME.fullmatch(name)
+        or (wanted and name not in wanted)
+    ):
+        missed = {k: v for k, v in echo.items() if k in _ECHO_NOT_RECOGNIZED}
+        return NOT_RECOGNIZED_TOPIC, {"input": query["input"], **missed}
     payload = {
         "input": query["input"],
         "intent": {"intentName": name, "confidenceScore": float(result.confidence)},

@@ -1,10 +1,17 @@
 """Text to intent, behind a narrow interface: a callable `text -> IntentResult`.
 
-The bridge needs only that callable; it never looks inside the recognizer. `auto` uses
-the layered recognizer of `edgeslm.intent` when it is available; `templates` (and the
-fallback) is a small template matcher on Home Assistant's English sentences through
-`hassil`, with slot lists built from the registry. It answers only exact template
-matches, so it is fast and never guesses.
+The bridge needs only that callable; it never looks inside the recognizer. Three kinds:
+
+- `intent`: the layered recognizer of `edgeslm.intent`, every layer it has
+  (templates, the MiniLM encoder classifier, the chat model); an error when it cannot
+  be built.
+- `encoder`: the same without the chat model (templates and encoder only): less
+  memory and no multi-second answers on a small board.
+- `templates`: a small template matcher here, on Home Assistant's English sentences
+  through `hassil`, with slot lists built from the registry. It answers only exact
+  template matches, so it is fast and never guesses.
+- `auto` (the default): `intent` when it can be built, else `templates` with a
+  warning that says what is missing.
 """
 
 from __future__ import annotations
@@ -14,25 +21,40 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edgeslm.errors import EdgeSLMError
 from edgeslm.intent.registry import Registry, names_of
 from edgeslm.intent.result import IntentResult, not_recognized
 
 log = logging.getLogger(__name__)
 
 Recognizer = Callable[[str], IntentResult]
+KINDS = ("auto", "intent", "encoder", "templates")
 
 
-def load_recognizer(kind: str, registry: Registry, registry_path: str) -> Recognizer:
-    """Build the recognizer the config names ("auto" or "templates")."""
-    if kind == "auto":
+def load_recognizer(kind: str, registry: Registry) -> Recognizer:
+    """Build the recognizer the config names (one of `KINDS`).
+
+    Raises:
+        ValueError: an unknown kind.
+        ImportError, EdgeSLMError, OSError: `intent` or `encoder` could not be built
+            (the intent extra or the encoder is missing).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"recognizer must be one of {KINDS}, got {kind!r}")
+    if kind in ("auto", "intent", "encoder"):
         try:
-            from edgeslm.intent import recognizer as layered  # type: ignore[attr-defined]
+            from edgeslm.intent.recognizer import IntentRecognizer
 
-            build = layered.load_recognizer
-        except (ImportError, AttributeError):
-            log.info("edgeslm.intent has no layered recognizer here; using templates")
-        else:
-            return build(registry_path)
+            options = {"chat": False} if kind == "encoder" else {}
+            return IntentRecognizer(registry, **options).recognize
+        except (ImportError, EdgeSLMError, OSError) as exc:
+            if kind != "auto":
+                raise
+            log.warning(
+                "the layered recognizer is unavailable (%s); using templates only. "
+                "Install it with: pip install 'edgeslm[bridge]'",
+                exc,
+            )
     return TemplateRecognizer(registry)
 
 

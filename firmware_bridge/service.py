@@ -1,8 +1,10 @@
 """The bridge service: MQTT in, recognizer, safety gate, outbound queue, adapters, acks.
 
-Threads: paho's network thread runs the callbacks, which only put events on a queue;
-one worker thread does everything else (recognition, SQLite, publishing, timeouts), so
-no state is shared between threads and a bad message can never raise into paho.
+Threads: paho's network thread runs the callbacks, which only put events on a queue.
+One worker thread does everything else (SQLite, publishing, acks, timeouts), so no
+state is shared and a bad message can never raise into paho. Recognition runs on a
+third thread, fed in arrival order, so a slow layer (the chat model) holds up only the
+requests behind it, never acks, resends or other devices' commands.
 
 Delivery: a request is stored with its commands (SQLite) before its MQTT message is
 acknowledged (paho manual ack). Each device has at most one command in flight, sent
@@ -11,7 +13,7 @@ data; it is resent with the same id until an outcome arrives, `max_attempts` is 
 or it expires. Devices drop ids they have seen, so a resend never acts twice.
 
 Not yet: two bridges sharing the work do not coordinate commands to one device (each
-keeps its own one-in-flight rule).
+keeps its own one-in-flight rule), so their commands to it may interleave.
 """
 
 from __future__ import annotations
@@ -43,26 +45,18 @@ from firmware_bridge.commands import (
     RateLimiter,
     plan_commands,
 )
-from firmware_bridge.config import BridgeConfig
+from firmware_bridge.config import BridgeConfig, BridgeConfigError
+from firmware_bridge.protocol import ACK_STATUSES
 from firmware_bridge.recognizer import Recognizer, load_recognizer
+from firmware_bridge.requests import MAX_TEXT, BadRequest, parse_request, topic_problem
 from firmware_bridge.store import CommandStore
+from firmware_bridge.transport import low_latency
 
 log = logging.getLogger(__name__)
 
-_REQUEST_KEYS = {"id", "text", "intent", "slots"}
-_MAX_TEXT = 1000  # characters of one spoken or typed command
-_HERMES_INTENT = re.compile(r"^hermes/intent/[A-Za-z][A-Za-z0-9_]{0,63}$")
+_HERMES_INTENT = re.compile(r"hermes/intent/[A-Za-z][A-Za-z0-9_]{0,63}")
 _ACK_STATUS = {"ok": "done", "duplicate": "done", "expired": "expired"}
-_SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps our session and messages
 _KEEP_REQUESTS = 7 * 24 * 3600  # seconds answered requests stay known (dedupe window)
-
-
-class BadRequest(ValueError):
-    """An input message the bridge cannot take; `code` goes into the error reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -73,6 +67,23 @@ class Topics:
     ack: str
     availability: str
     last_command: str
+
+
+@dataclass
+class _Pending:
+    """A request on its way through the recognizer thread.
+
+    `message` stays unacknowledged until the request is stored: a crash before that
+    leaves it with the broker, which delivers it again.
+    """
+
+    request_id: str
+    text: str
+    reply_topic: str | None
+    correlation: bytes | None
+    request: dict[str, Any]
+    message: mqtt.MQTTMessage | None = None
+    hermes_query: dict[str, Any] | None = None
 
 
 @dataclass
@@ -99,9 +110,6 @@ class Bridge:
     ) -> None:
         self.config = config
         self.registry = registry or load_registry(config.registry)
-        self.recognize = recognizer or load_recognizer(
-            config.recognizer, self.registry, config.registry
-        )
         self.devices = {d.id: d for d in self.registry.devices}
         base, me = config.base, f"{config.base}/bridge/{config.instance}"
         self.topics = Topics(
@@ -125,12 +133,18 @@ class Bridge:
         self._inflight: dict[str, _Inflight] = {}  # device -> its command on the wire
         self._waiting: dict[str, deque[DeviceCommand]] = {}  # device -> queued commands
         self._worker: threading.Thread | None = None
+        self._recognition: queue.Queue[_Pending | None] = queue.Queue()
+        self._recognizing: set[str] = set()  # request ids on the recognizer thread
+        self._recognizer: threading.Thread | None = None
         self.client = self._make_client()
+        # last: the layered recognizer may take a while to build (its classifier)
+        self.recognize = recognizer or load_recognizer(config.recognizer, self.registry)
 
     # --- topics and the allow-list ------------------------------------------------
 
     def _device_routes(self) -> tuple[dict[str, list[str]], dict[str, str]]:
         routes, state_topics = {}, {}
+        own = self.config.base + "/"
         for device in self.registry.devices:
             try:
                 adapter = adapter_for(device)
@@ -138,6 +152,15 @@ class Bridge:
                 log.info("not reachable over MQTT: %s", exc)
                 continue
             routes[device.id] = adapter.out_topics(device)
+            for topic in routes[device.id] + adapter.state_topics(device):
+                problem = topic_problem(topic)
+                if problem is None and topic.startswith(own):
+                    problem = f"it lies under the bridge's own {own}"
+                if problem is not None:
+                    raise BridgeConfigError(
+                        f"{self.config.registry}: device {device.id!r} has MQTT topic "
+                        f"{topic[:80]!r}, which the bridge cannot use: {problem}"
+                    )
             for topic in adapter.state_topics(device):
                 state_topics[topic] = device.id
         return routes, state_topics
@@ -153,11 +176,18 @@ class Bridge:
 
     def is_allowed(self, topic: str) -> bool:
         """True for topics the bridge may publish to (the allow-list)."""
-        if any(c in topic for c in "+#\0") or len(topic) > 256:
+        if topic_problem(topic) is not None:
             return False
-        if topic in self.allowed or _HERMES_INTENT.match(topic):
+        if topic in self.allowed or _HERMES_INTENT.fullmatch(topic):
             return True
-        return topic.startswith(self.topics.reply + "/") and topic.count("/") < 16
+        return self.is_reply_topic(topic)
+
+    def is_reply_topic(self, topic: str) -> bool:
+        """True for a response topic a requester may ask for: the reply topic or one
+        under it (`<prefix>/<site>/reply/...`, at most 16 levels)."""
+        if topic_problem(topic) is not None or topic.count("/") >= 16:
+            return False
+        return topic == self.topics.reply or topic.startswith(self.topics.reply + "/")
 
     def _discovery(self) -> list[Outgoing]:
         if not self.config.discovery.enabled:
@@ -183,6 +213,7 @@ class Bridge:
             manual_ack=True,
         )
         client.enable_logger(logging.getLogger("firmware_bridge.paho"))
+        low_latency(client)
         client.reconnect_delay_set(b.reconnect_min, b.reconnect_max)
         client.max_inflight_messages_set(100)
         client.will_set(self.topics.availability, "offline", qos=1, retain=True)
@@ -222,7 +253,7 @@ class Bridge:
         properties = None
         if b.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = _SESSION_EXPIRY
+            properties.SessionExpiryInterval = b.session_expiry
         self.client.connect_async(
             b.host, b.port, b.keepalive, clean_start=False, properties=properties
         )
@@ -230,7 +261,11 @@ class Bridge:
         self._worker = threading.Thread(
             target=self._run, name="bridge-worker", daemon=True
         )
+        self._recognizer = threading.Thread(
+            target=self._recognize_loop, name="bridge-recognizer", daemon=True
+        )
         self._worker.start()
+        self._recognizer.start()
         log.info(
             "bridge %s serving %s on %s:%d",
             self.config.instance,
@@ -243,6 +278,11 @@ class Bridge:
         """Clean shutdown: availability offline, disconnect, close the queue."""
         if self._worker is None:
             return
+        # requests already taken are recognized and stored before the worker stops:
+        # the worker ends the recognizer's queue once it has handed it all it took
+        self.events.put(("drain",))
+        if self._recognizer is not None:
+            self._recognizer.join(timeout)
         self.events.put(("stop",))
         self._worker.join(timeout)
         if self.connected.is_set():
@@ -260,6 +300,7 @@ class Bridge:
         if self._worker is None:
             return
         self._stop.set()
+        self._recognition.put(None)
         self._worker.join(5.0)
         self.client.loop_stop()
         sock = self.client.socket()
@@ -276,7 +317,7 @@ class Bridge:
     def submit(self, text: str, request_id: str | None = None) -> str:
         """Accept a command from Python (works while the broker is down); its id."""
         request_id = request_id or uuid.uuid4().hex[:16]
-        self.events.put(("submit", text, request_id))
+        self.events.put(("submit", _Pending(request_id, text, None, None, {})))
         return request_id
 
     # --- the worker ------------------------------------------------------------------
@@ -305,11 +346,27 @@ class Bridge:
         kind = event[0]
         if kind == "message":
             message = event[1]
+            deferred = False
             try:
-                self._on_mqtt(message)
+                deferred = self._on_mqtt(message)
+            except Exception:  # a bug must not leave a request unanswered
+                log.exception(
+                    "bridge: unexpected error on a message to %s", message.topic
+                )
+                if message.topic in (self.topics.command, hermes.QUERY_TOPIC):
+                    self._error(
+                        "internal_error",
+                        "the bridge failed on this message; see its log",
+                        None,
+                        _correlation(message),
+                    )
             finally:
-                if message.qos > 0:
+                if not deferred and message.qos > 0:
                     self.client.ack(message.mid, message.qos)
+        elif kind == "recognized":
+            self._recognized(event[1], event[2])
+        elif kind == "drain":
+            self._recognition.put(None)
         elif kind == "connect":
             self._connected(event[1], event[2])
         elif kind == "disconnect":
@@ -317,7 +374,7 @@ class Bridge:
                 log.warning("broker connection lost (%s); reconnecting", event[1])
             self.connected.clear()
         elif kind == "submit":
-            self._request(event[2], event[1], None, None, {"text": event[1]})
+            self._to_recognizer(event[1])
 
     def _connected(self, ok: bool, reason: str) -> None:
         if not ok:
@@ -364,26 +421,29 @@ class Bridge:
 
     # --- inputs -----------------------------------------------------------------------
 
-    def _on_mqtt(self, message: mqtt.MQTTMessage) -> None:
+    def _on_mqtt(self, message: mqtt.MQTTMessage) -> bool:
+        """Handle one message; True when it went on to the recognizer thread (then
+        it is acknowledged once its request is stored)."""
         topic = message.topic
         if topic == self.topics.ack:
             self._on_ack(message)
         elif topic in self._state_topics:
             self._on_state(topic, message.payload)
         elif topic == hermes.QUERY_TOPIC:
-            self._on_hermes(message.payload)
+            return self._on_hermes(message)
         elif topic == self.topics.command:
-            self._on_command(message)
+            return self._on_command(message)
         else:
             log.debug("ignored a message on %s", topic)
+        return False
 
-    def _on_command(self, message: mqtt.MQTTMessage) -> None:
+    def _on_command(self, message: mqtt.MQTTMessage) -> bool:
         props = getattr(message, "properties", None)
-        correlation = getattr(props, "CorrelationData", None) if props else None
+        correlation = _correlation(message)
         reply_topic = getattr(props, "ResponseTopic", None) if props else None
         try:
-            request = self._parse_request(message.payload)
-            if reply_topic is not None and not self.is_allowed(reply_topic):
+            request = parse_request(message.payload, self.config.max_payload)
+            if reply_topic is not None and not self.is_reply_topic(reply_topic):
                 raise BadRequest(
                     "bad_reply_topic",
                     f"response topic must lie under {self.topics.reply}/, got a "
@@ -391,73 +451,108 @@ class Bridge:
                 )
         except BadRequest as exc:
             self._error(exc.code, str(exc), None, correlation)
-            return
+            return False
         request_id = request.get("id") or uuid.uuid4().hex[:16]
-        self._request(
+        pending = _Pending(
             request_id, request.get("text", ""), reply_topic, correlation, request
         )
+        pending.message = message
+        return self._to_recognizer(pending)
 
-    def _parse_request(self, payload: bytes) -> dict[str, Any]:
-        if len(payload) > self.config.max_payload:
-            raise BadRequest(
-                "too_large",
-                f"a command may be {self.config.max_payload} bytes, got {len(payload)}",
-            )
+    def _on_hermes(self, message: mqtt.MQTTMessage) -> bool:
+        payload = message.payload
         try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadRequest(
-                "bad_encoding", f"commands are UTF-8 text ({exc})"
-            ) from None
-        if not text.lstrip().startswith("{"):
-            return _checked_text({"text": text})
-        try:
-            request = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadRequest("bad_json", f"not valid JSON: {exc}") from None
-        if not isinstance(request, dict):
-            raise BadRequest("bad_request", "a JSON command is an object")
-        unknown = sorted(set(request) - _REQUEST_KEYS)
-        if unknown:
-            raise BadRequest(
-                "unknown_keys",
-                f"unknown keys {unknown[:5]}; a command has {sorted(_REQUEST_KEYS)} "
-                "(topics come from the device registry, never from a request)",
-            )
-        if "id" in request and not (
-            isinstance(request["id"], str) and REQUEST_ID.match(request["id"])
-        ):
-            raise BadRequest("bad_id", "'id' must be 1-48 letters, digits, '_' or '-'")
-        if "intent" in request:
-            if not isinstance(request["intent"], str) or not isinstance(
-                request.get("slots", {}), dict
-            ):
-                raise BadRequest(
-                    "bad_request", "'intent' is text and 'slots' an object"
+            limit = self.config.max_payload
+            if len(payload) > limit:
+                raise hermes.HermesError(
+                    f"a query may be {limit} bytes, got {len(payload)}"
                 )
-            return request
-        return _checked_text(request)
-
-    def _on_hermes(self, payload: bytes) -> None:
-        try:
             query = hermes.parse_query(json.loads(payload.decode("utf-8")))
         except (UnicodeDecodeError, json.JSONDecodeError, hermes.HermesError) as exc:
-            self._error("bad_hermes_query", f"hermes/nlu/query: {exc}", None, None)
-            return
-        result = self._recognize(query["input"][:_MAX_TEXT])
-        topic, answer = hermes.answer(query, result)
-        self._publish(Outgoing(topic, json.dumps(answer).encode()))
-        if topic != hermes.NOT_RECOGNIZED_TOPIC and self.config.hermes.execute:
-            qid = query.get("id") or query.get("sessionId") or ""
-            request_id = f"hermes-{qid}" if REQUEST_ID.match(f"hermes-{qid}") else None
-            self._request(
-                request_id or uuid.uuid4().hex[:16],
-                query["input"],
+            self._error(
+                "bad_hermes_query",
+                f"hermes/nlu/query: {exc}",
                 None,
-                None,
-                {},
-                result=result,
+                _correlation(message),
             )
+            return False
+        # the query's id makes a redelivered query run once; no usable id, no dedupe
+        qid = query.get("id") or query.get("sessionId")
+        request_id = f"hermes-{qid}"
+        if not qid or not REQUEST_ID.fullmatch(request_id):
+            request_id = f"hermes-{uuid.uuid4().hex[:16]}"
+        pending = _Pending(request_id, query["input"][:MAX_TEXT], None, None, {})
+        pending.message, pending.hermes_query = message, query
+        return self._to_recognizer(pending)
+
+    # --- recognition: on its own thread, in arrival order ----------------------------
+
+    def _to_recognizer(self, pending: _Pending) -> bool:
+        """Queue a request for recognition unless it is known; True when queued."""
+        if pending.hermes_query is None:
+            known = self._store.request(pending.request_id)
+            if known is not None or pending.request_id in self._recognizing:
+                # a retry or a redelivery: answer what is known, never run it again
+                if known is not None and known["replied"]:
+                    self._publish_reply(
+                        known["reply"], pending.reply_topic, pending.correlation
+                    )
+                return False
+        self._recognizing.add(pending.request_id)
+        self._recognition.put(pending)
+        return True
+
+    def _recognize_loop(self) -> None:
+        """The recognizer thread: a slow layer (the chat model) delays only the
+        requests behind it, never acks, resends or the MQTT connection."""
+        while True:
+            pending = self._recognition.get()
+            if pending is None:
+                return
+            request = pending.request
+            if "intent" in request:
+                result = IntentResult(
+                    text=pending.text,
+                    intent=request["intent"],
+                    slots=request.get("slots") or {},
+                    confidence=1.0,
+                    layer="request",
+                )
+            else:
+                result = self._recognize(pending.text)
+            self.events.put(("recognized", pending, result))
+
+    def _recognized(self, pending: _Pending, result: IntentResult) -> None:
+        """Back on the worker: answer Hermes, plan, store, then ack the message."""
+        message = pending.message
+        try:
+            if pending.hermes_query is not None:
+                topic, answer = hermes.answer(pending.hermes_query, result)
+                self._publish(Outgoing(topic, json.dumps(answer).encode()))
+                if (
+                    topic == hermes.NOT_RECOGNIZED_TOPIC
+                    or not self.config.hermes.execute
+                ):
+                    return
+            self._request(
+                pending.request_id,
+                pending.text,
+                pending.reply_topic,
+                pending.correlation,
+                result,
+            )
+        except Exception:  # a bug must not leave a request unanswered
+            log.exception("bridge: unexpected error on request %s", pending.request_id)
+            self._error(
+                "internal_error",
+                "the bridge failed on this request; see its log",
+                pending.request_id,
+                pending.correlation,
+            )
+        finally:
+            self._recognizing.discard(pending.request_id)
+            if message is not None and message.qos > 0:
+                self.client.ack(message.mid, message.qos)
 
     def _recognize(self, text: str) -> IntentResult:
         try:
@@ -474,30 +569,23 @@ class Bridge:
         text: str,
         reply_topic: str | None,
         correlation: bytes | None,
-        request: dict[str, Any],
-        result: IntentResult | None = None,
+        result: IntentResult,
     ) -> None:
+        """Check a recognized request against the registry, store it, send it."""
         known = self._store.request(request_id)
         if known is not None:  # a retry or a redelivery: answer, never execute again
             log.debug("request %s seen before (%s)", request_id, known["status"])
             if known["replied"]:
                 self._publish_reply(known["reply"], reply_topic, correlation)
             return
-        if result is None:
-            if "intent" in request:
-                result = IntentResult(
-                    text=text,
-                    intent=request["intent"],
-                    slots=request.get("slots") or {},
-                    confidence=1.0,
-                    layer="request",
-                )
-            else:
-                result = self._recognize(text)
         reply = {"id": request_id, "text": text, "intent": result.to_dict()}
         try:
             commands = plan_commands(
-                self.registry, result, request_id, self.config.delivery.command_ttl
+                self.registry,
+                result,
+                request_id,
+                self.config.delivery.command_ttl,
+                min_confidence=self.config.min_confidence,
             )
             for cmd in commands:
                 adapter = adapter_for(self.devices[cmd.device])
@@ -589,7 +677,18 @@ class Bridge:
         if inflight is None:
             log.debug("ack for %s, which is not in flight (late duplicate)", ack["id"])
             return
-        status = _ACK_STATUS.get(ack.get("status"), "failed")
+        if ack.get("device") != inflight.command.device:
+            log.warning(
+                "dropped an ack for %s from %r: the command went to %s",
+                ack["id"],
+                str(ack.get("device"))[:64],
+                inflight.command.device,
+            )
+            return
+        if ack.get("status") not in ACK_STATUSES:
+            log.warning("dropped an ack for %s: unknown status", ack["id"])
+            return
+        status = _ACK_STATUS.get(ack["status"], "failed")
         if status == "done":
             result = {"state": ack.get("state")}
         else:
@@ -702,14 +801,7 @@ class Bridge:
         )
 
 
-def _checked_text(request: dict[str, Any]) -> dict[str, Any]:
-    text = request.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise BadRequest("bad_request", "a command needs 'text' (non-empty text)")
-    if len(text) > _MAX_TEXT:
-        raise BadRequest(
-            "too_long", f"a command may be {_MAX_TEXT} characters, got {len(text)}"
-        )
-    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
-        raise BadRequest("bad_request", "command text contains control characters")
-    return {**request, "text": text.strip()}
+def _correlation(message: mqtt.MQTTMessage) -> bytes | None:
+    """The MQTT 5 correlation data of a message, if it has any."""
+    props = getattr(message, "properties", None)
+    return getattr(props, "CorrelationData", None) if props else None

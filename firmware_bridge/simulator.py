@@ -1,6 +1,7 @@
 """Simulated devices for tests and the demo: one MQTT client playing many devices.
 
-- JSON protocol devices (docs/PROTOCOL.md): validate, drop duplicate ids, apply, ack.
+- JSON protocol devices (docs/PROTOCOL.md): `firmware_bridge.protocol.JsonDevice`
+  validates, drops duplicate ids, applies and acks; this module puts it on MQTT.
 - Zigbee2MQTT-style devices: `<topic>/set` JSON in, state JSON out on `<topic>`.
 - Tasmota-style devices: `cmnd/<topic>/POWER|Dimmer|ShutterPosition` in,
   `stat/<topic>/RESULT` out.
@@ -16,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -25,10 +26,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeslm.intent.registry import Registry
+from firmware_bridge.protocol import JsonDevice
+from firmware_bridge.transport import low_latency
 
 log = logging.getLogger(__name__)
-
-_SEEN_IDS = 256  # ids a JSON device remembers, like the C reference
 
 
 class DeviceSimulator:
@@ -52,13 +53,11 @@ class DeviceSimulator:
         tls_ca: str | None = None,
     ) -> None:
         self.states: dict[str, dict[str, Any]] = {}
-        self.applied: Counter[str] = (
-            Counter()
-        )  # command id (or device) -> times applied
+        self.applied: Counter[str] = Counter()  # command id (or device) -> times
         self.duplicates = 0
         self.drop_acks = drop_acks
         self._acks = 0
-        self._seen: dict[str, OrderedDict[str, dict]] = {}
+        self.json_devices: dict[str, JsonDevice] = {}
         self._lock = threading.Lock()
         self._routes: dict[str, tuple[str, Any]] = {}
         for device in registry.devices:
@@ -67,6 +66,8 @@ class DeviceSimulator:
             topic, adapter = device.mqtt["topic"], device.mqtt.get("adapter", "json")
             self.states[device.id] = {"state": "OFF"}
             if adapter == "json":
+                self.json_devices[device.id] = JsonDevice(device)
+                self.states[device.id] = self.json_devices[device.id].state
                 self._routes[f"{topic}/command"] = (device.id, self._json)
             elif adapter == "zigbee2mqtt":
                 self._routes[f"{topic}/set"] = (device.id, self._z2m)
@@ -75,6 +76,7 @@ class DeviceSimulator:
                     self._routes[f"cmnd/{topic}/{command}"] = (device.id, self._tasmota)
         self._topics = {d.id: d.mqtt["topic"] for d in registry.devices if d.mqtt}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        low_latency(self.client)
         if username is not None:
             self.client.username_pw_set(username, password)
         if tls_ca is not None:
@@ -126,39 +128,17 @@ class DeviceSimulator:
         props = getattr(message, "properties", None)
         reply_to = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
-        try:
-            cmd = json.loads(message.payload)
-            command_id = cmd["id"]
-        except (ValueError, KeyError, TypeError):
-            return  # no id: nothing to acknowledge
-        reply_to = reply_to or cmd.get("reply_to")
-        seen = self._seen.setdefault(device, OrderedDict())
-        if command_id in seen:
+        json_device = self.json_devices[device]
+        outcome, ack = json_device.handle(message.payload, time.time())
+        if outcome == "duplicate":
             self.duplicates += 1
-            ack = {**seen[command_id], "status": "duplicate"}
-        elif cmd.get("device") != device:
-            ack = {
-                "id": command_id,
-                "device": device,
-                "status": "invalid",
-                "error": "command for another device",
-            }
-        elif isinstance(cmd.get("expires"), int) and cmd["expires"] < time.time():
-            ack = {"id": command_id, "device": device, "status": "expired"}
-        else:
-            status = self._apply(device, cmd.get("action"), cmd.get("value"))
-            if status == "ok":
-                self.applied[command_id] += 1
-            ack = {
-                "id": command_id,
-                "device": device,
-                "status": status,
-                "state": dict(self.states[device]),
-            }
-            seen[command_id] = ack
-            if len(seen) > _SEEN_IDS:
-                seen.popitem(last=False)
+        if ack is None:
+            return  # no trusted id: nothing to acknowledge
+        if outcome == "ok":
+            self.applied[ack["id"]] += 1
+            self.states[device] = json_device.state
             self._publish_state(device)
+        reply_to = reply_to or json_device.last_reply_to
         self._acks += 1
         if self.drop_acks and self._acks % self.drop_acks == 0:
             return  # lost on purpose: the bridge must resend, we must not act twice
@@ -167,22 +147,6 @@ class DeviceSimulator:
             if correlation is not None:
                 properties.CorrelationData = correlation
             self.client.publish(reply_to, json.dumps(ack), qos=1, properties=properties)
-
-    def _apply(self, device: str, action: Any, value: Any) -> str:
-        state = self.states[device]
-        if action in ("on", "off"):
-            state["state"] = action.upper()
-        elif action in ("open", "close"):
-            state["state"] = {"open": "OPEN", "close": "CLOSED"}[action]
-        elif action in ("brightness", "position", "temperature") and isinstance(
-            value, (int, float)
-        ):
-            state[action] = value
-            if action == "brightness":
-                state["state"] = "ON" if value > 0 else "OFF"
-        else:
-            return "unsupported"
-        return "ok"
 
     def _publish_state(self, device: str) -> None:
         topic = f"{self._topics[device]}/state"

@@ -6,17 +6,25 @@ with the template recognizer, then drives it over MQTT like a user's tools would
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
+import sys
 import time
 
+import jsonschema
 import pytest
-from bridge.harness import Observer, bridge_config, final_replies
+from bridge.harness import HOME_YAML, REPO, Observer, bridge_config, final_replies
+from rhasspyhermes.intent import Intent, Slot, SlotRange
 from rhasspyhermes.nlu import NluIntent, NluIntentNotRecognized, NluQuery
 
+from edgeslm.cli import _parser as _edgeslm_parser
+from edgeslm.intent.registry import load_registry
 from edgeslm.intent.result import IntentResult
 from firmware_bridge.commands import CommandRejected, RateLimiter, plan_commands
 from firmware_bridge.config import BridgeConfigError, config_from_dict
+from firmware_bridge.protocol import load_schema
 from firmware_bridge.service import Bridge
 from firmware_bridge.simulator import DeviceSimulator
 
@@ -91,6 +99,18 @@ def test_text_to_device_to_ack_to_reply(
     ]
     assert [r["id"] for r in accepted] == ["r1"]
     assert sim.total_applied() == 1
+    _assert_protocol_messages_valid(observer)
+
+
+def _assert_protocol_messages_valid(observer: Observer) -> None:
+    """Every JSON-protocol command and ack seen on the broker matches its schema."""
+    commands = jsonschema.Draft202012Validator(load_schema("command"))
+    acks = jsonschema.Draft202012Validator(load_schema("ack"))
+    for topic, payload, _ in list(observer.messages):
+        if topic.startswith("home/") and topic.endswith("/command"):
+            commands.validate(json.loads(payload))
+        elif topic.endswith("/ack"):
+            acks.validate(json.loads(payload))
 
 
 def test_json_command_carries_mqtt5_delivery_properties(running):
@@ -106,6 +126,16 @@ def test_json_command_carries_mqtt5_delivery_properties(running):
     assert props.ResponseTopic == f"{BASE}/bridge/bridge/ack"
     assert props.CorrelationData == command["id"].encode()
     assert sim.states["light.kitchen"]["brightness"] == 30
+    _assert_protocol_messages_valid(observer)
+
+    # QoS 1 and never retained: a subscriber arriving later gets no old command
+    late = Observer(observer.client._port, ["home/#", "zigbee2mqtt/#", "cmnd/#"])
+    try:
+        time.sleep(0.5)
+        retained = [t for t, _, _ in late.messages if not t.endswith("/state")]
+        assert not retained, retained
+    finally:
+        late.close()
 
 
 def test_lost_acks_are_resent_and_never_applied_twice(running):
@@ -162,6 +192,109 @@ def test_stale_command_expires_and_is_reported(tmp_path, broker, registry, recog
         observer.close()
 
 
+def test_unanswered_command_is_resent_a_bounded_number_of_times(
+    tmp_path, broker, registry, recognizer
+):
+    observer = Observer(broker.port, ["#"])
+    config = bridge_config(
+        tmp_path, broker.port, delivery={"ack_timeout": 0.2, "max_attempts": 3}
+    )
+    bridge = Bridge(config, registry, recognizer)
+    bridge.start()
+    try:  # no device answers
+        assert bridge.connected.wait(10)
+        time.sleep(0.2)
+        observer.publish(f"{BASE}/command", {"id": "lost", "text": "turn on the fan"})
+        assert observer.wait_for(lambda: "lost" in final_replies(observer))
+        time.sleep(0.5)  # a fourth attempt would be here by now
+    finally:
+        bridge.stop()
+        observer.close()
+    reply = final_replies(observer)["lost"]
+    assert reply["status"] == "failed"
+    assert reply["commands"][0]["error"] == "no ack after 3 attempts"
+    sent = [p for t, p, _ in observer.messages if t == "cmnd/tasmota_fan/POWER"]
+    assert sent == [b"ON"] * 3
+
+
+def test_acks_from_the_wrong_device_or_with_unknown_status_are_ignored(
+    tmp_path, broker, registry, recognizer
+):
+    observer = Observer(broker.port, [f"{BASE}/#", "home/#"])
+    config = bridge_config(tmp_path, broker.port, delivery={"ack_timeout": 30})
+    bridge = Bridge(config, registry, recognizer)
+    bridge.start()
+    ack_topic = f"{BASE}/bridge/bridge/ack"
+    try:  # no device: the test answers for it
+        assert bridge.connected.wait(10)
+        time.sleep(0.2)
+        observer.publish(
+            f"{BASE}/command", {"id": "k", "text": "turn on the kitchen light"}
+        )
+        assert observer.wait_for(
+            lambda: any(
+                t == "home/kitchen/light/command" for t, _, _ in observer.messages
+            )
+        )
+        fake = {"id": "k-0", "device": "cover.blinds", "status": "ok", "state": {}}
+        observer.publish(ack_topic, fake)
+        observer.publish(
+            ack_topic, {**fake, "device": "light.kitchen", "status": "yes"}
+        )
+        time.sleep(0.5)
+        assert "k" not in final_replies(observer)
+        good = {"id": "k-0", "device": "light.kitchen", "status": "ok"}
+        observer.publish(ack_topic, {**good, "state": {"state": "ON"}})
+        assert observer.wait_for(lambda: "k" in final_replies(observer))
+        assert final_replies(observer)["k"]["status"] == "done"
+    finally:
+        bridge.stop()
+        observer.close()
+
+
+def test_mqtt_311_end_to_end(running):
+    bridge, sim, observer = running(broker={"protocol": "3.1.1"})
+    observer.publish(
+        f"{BASE}/command", {"id": "old", "text": "turn on the kitchen light"}
+    )
+    assert observer.wait_for(lambda: "old" in final_replies(observer))
+    assert final_replies(observer)["old"]["status"] == "done"
+    topic, payload, props = next(
+        m for m in observer.messages if m[0] == "home/kitchen/light/command"
+    )
+    assert not hasattr(props, "MessageExpiryInterval")  # no MQTT 5 properties...
+    assert json.loads(payload)["reply_to"] == f"{BASE}/bridge/bridge/ack"  # ...so this
+
+
+def test_layered_recognizer_reaches_devices_through_the_encoder(
+    tmp_path, broker, registry
+):
+    """`recognizer: encoder` builds edgeslm.intent's recognizer (without its chat
+    model); a request no template matches reaches the device through the encoder."""
+    sim = DeviceSimulator(registry, port=broker.port).start()
+    observer = Observer(broker.port, [f"{BASE}/reply"])
+    bridge = Bridge(bridge_config(tmp_path, broker.port, recognizer="encoder"))
+    bridge.start()
+    try:
+        assert bridge.connected.wait(10)
+        time.sleep(0.2)
+        observer.publish(
+            f"{BASE}/command", {"id": "e1", "text": "kitchen light off now"}
+        )
+        observer.publish(f"{BASE}/command", {"id": "e2", "text": "turn on the fan"})
+        assert observer.wait_for(lambda: {"e1", "e2"} <= set(final_replies(observer)))
+    finally:
+        bridge.stop()
+        observer.close()
+        sim.stop()
+    replies = final_replies(observer)
+    assert replies["e1"]["intent"]["layer"] == "encoder", replies["e1"]
+    assert replies["e1"]["status"] == "done"
+    assert [c["action"] for c in replies["e1"]["commands"]] == ["off"]
+    assert replies["e2"]["intent"]["layer"] == "template"
+    assert sim.states["switch.fan"]["state"] == "ON"
+
+
 def test_dry_run_publishes_nothing_to_devices(running):
     bridge, sim, observer = running(dry_run=True)
     observer.publish(f"{BASE}/command", {"id": "d1", "text": "turn on the fan"})
@@ -181,6 +314,34 @@ def test_rate_limit_per_device(running):
     assert replies["x2"]["status"] == "rejected"
     assert replies["x2"]["error"]["code"] == "rate_limited"
     assert sim.applied["switch.fan"] == 2
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _assert_hermes_fields(cls: type, payload: dict) -> None:
+    """`payload` uses only the fields of Rhasspy's class `cls`, has the required
+    ones, and survives the class's own reading and writing unchanged."""
+    fields = {_camel(f.name): f for f in dataclasses.fields(cls)}
+    required = {
+        k
+        for k, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    assert set(payload) <= set(fields), set(payload) - set(fields)
+    assert required <= set(payload), required - set(payload)
+    again = _without_none(cls.from_dict(payload).to_dict())
+    assert {k: again[k] for k in payload} == payload
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 def test_hermes_query_answers_with_schema_valid_messages(running):
@@ -211,7 +372,24 @@ def test_hermes_query_answers_with_schema_valid_messages(running):
         observer.json_on(NluIntentNotRecognized.topic())[0]
     )
     assert missed.input == "sing me a song" and missed.id == "q2"
+
+    # field by field, against the reference classes
+    payload = observer.json_on(intent_topic)[0]
+    _assert_hermes_fields(NluIntent, payload)
+    _assert_hermes_fields(Intent, payload["intent"])
+    for slot in payload["slots"]:
+        _assert_hermes_fields(Slot, slot)
+        if "range" in slot:
+            _assert_hermes_fields(SlotRange, slot["range"])
+    _assert_hermes_fields(
+        NluIntentNotRecognized, observer.json_on(NluIntentNotRecognized.topic())[0]
+    )
     assert observer.wait_for(lambda: sim.applied["switch.fan"] == 1)  # execute: true
+
+    # queries without an id are each carried out (nothing to deduplicate them by)
+    for _ in range(2):
+        observer.publish(NluQuery.topic(), NluQuery(input="turn on the fan").to_json())
+    assert observer.wait_for(lambda: sim.applied["switch.fan"] == 3)
 
 
 def test_home_assistant_discovery_and_last_will(running):
@@ -262,6 +440,48 @@ def test_mosquitto_command_line_clients_drive_the_bridge(running):
     assert sim.states["switch.fan"]["state"] == "ON"
 
 
+def test_demo_starts_everything_and_shows_states_change():
+    run = subprocess.run(
+        [sys.executable, "-m", "edgeslm", "bridge", "--demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    out = run.stdout
+    assert "mosquitto: started on 127.0.0.1:" in out
+    assert "light.kitchen on -> done" in out and "switch.fan on -> done" in out
+    # the thermostat cannot go to 40 degrees, and there is no sauna
+    assert out.count("rejected") + out.count("not recognized") >= 2, out
+    changed = [line for line in out.splitlines() if line.startswith("* ")]
+    assert {line.split()[1] for line in changed} >= {"switch.fan", "light.desk_lamp"}
+
+
+def test_systemd_unit_example_is_valid(tmp_path):
+    unit = (
+        REPO / "firmware_bridge" / "examples" / "edgeslm-bridge.service"
+    ).read_text()
+    command = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = command.removeprefix("ExecStart=").split()
+    assert argv[0].endswith("/edgeslm") and argv[1:3] == ["bridge", "--config"]
+    args = _edgeslm_parser().parse_args(argv[1:])
+    assert args.config == "/etc/edgeslm/bridge.yaml" and not args.demo
+
+    # systemd's own checker, with the executable pointed at the installed one
+    installed = shutil.which("edgeslm")
+    assert installed, "the edgeslm command is not installed: pip install -e ."
+    (tmp_path / "edgeslm-bridge.service").write_text(unit.replace(argv[0], installed))
+    check = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "edgeslm-bridge.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "edgeslm-bridge.service" not in check.stdout + check.stderr
+
+
 # --- the safety gate without a broker ---------------------------------------------
 
 
@@ -301,6 +521,20 @@ def test_safety_gate_rejects(registry, result, code):
     assert info.value.code == code
 
 
+def test_low_confidence_intents_are_not_carried_out(registry):
+    guess = IntentResult(
+        text="t",
+        intent="HassTurnOn",
+        slots={"name": "switch.fan"},
+        confidence=0.3,
+        layer="chat",
+    )
+    with pytest.raises(CommandRejected) as info:
+        plan_commands(registry, guess, "r", ttl=10, min_confidence=0.5)
+    assert info.value.code == "low_confidence" and "chat layer" in str(info.value)
+    assert plan_commands(registry, guess, "r", ttl=10, min_confidence=0.3)
+
+
 def test_plan_targets_an_area_and_ids_are_stable(registry):
     result = _result("HassTurnOff", area="living_room")
     first = plan_commands(registry, result, "req", ttl=10, now=0.0)
@@ -318,11 +552,25 @@ def test_rate_limiter_refills():
     assert limiter.allow("d", now=1.01) and not limiter.allow("d", now=1.02)
 
 
+def test_registry_topics_that_are_not_publish_topics_are_refused(tmp_path):
+    text = HOME_YAML.read_text().replace(
+        "topic: home/kitchen/light}", "topic: home/+/light}"
+    )
+    (tmp_path / "home.yaml").write_text(text)
+    config = bridge_config(tmp_path, 1, registry=str(tmp_path / "home.yaml"))
+    with pytest.raises(BridgeConfigError, match="light.kitchen.*wildcards"):
+        Bridge(config, load_registry(tmp_path / "home.yaml"))
+
+
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(BridgeConfigError, match="unknown keys \\['acktimeout'\\]"):
         config_from_dict({"registry": "r.yaml", "delivery": {"acktimeout": 1}})
     with pytest.raises(BridgeConfigError, match="site"):
         config_from_dict({"registry": "r.yaml", "site": "a/#"})
+    with pytest.raises(BridgeConfigError, match="broker.tls.ca: no file at"):
+        config_from_dict({"registry": "r.yaml", "broker": {"tls": {"ca": "no.crt"}}})
+    with pytest.raises(BridgeConfigError, match="min_confidence must be in 0..1"):
+        config_from_dict({"registry": "r.yaml", "min_confidence": 2})
     with pytest.raises(BridgeConfigError, match="share_group needs"):
         config_from_dict(
             {"registry": "r.yaml", "share_group": "g", "broker": {"protocol": "3.1.1"}}

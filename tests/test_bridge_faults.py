@@ -105,13 +105,16 @@ def test_bridge_killed_mid_stream_resumes_from_its_queue(tmp_path, broker, regis
     """SIGKILL the bridge process; the broker keeps its session, SQLite its queue.
 
     No requester resends here: everything comes back from the bridge's own state.
+    The first process is `python -m firmware_bridge`, the second `edgeslm bridge`;
+    SIGTERM then stops it cleanly (exit 0, availability "offline" at once).
     """
     config = write_config(tmp_path, broker.port)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
-    def bridge_process() -> subprocess.Popen:
+    def bridge_process(module: str = "firmware_bridge") -> subprocess.Popen:
+        command = ["bridge"] if module == "edgeslm" else []
         return subprocess.Popen(
-            [sys.executable, "-m", "firmware_bridge", "--config", str(config)],
+            [sys.executable, "-m", module, *command, "--config", str(config)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -134,11 +137,21 @@ def test_bridge_killed_mid_stream_resumes_from_its_queue(tmp_path, broker, regis
         def kill_and_restart() -> None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            state["proc"] = bridge_process()
+            state["proc"] = bridge_process("edgeslm")
 
         _stream(observer, commands, N_COMMANDS // 2, kill_and_restart, pause=0.004)
         replies = _settle(observer, commands, time.monotonic() + 45, resend=False)
         _assert_exactly_once(sim, replies, commands)
+
+        # SIGTERM: a goodbye within a second, long before the will (keepalive 5 s)
+        state["proc"].terminate()
+        state["proc"].wait(10)
+        assert observer.wait_for(
+            lambda: (
+                [p for t, p, _ in observer.messages if t == online][-1] == b"offline"
+            ),
+            timeout=1.5,
+        )
     finally:
         for p in (proc, state.get("proc")):
             if p is not None and p.poll() is None:
@@ -163,9 +176,8 @@ def test_commands_taken_while_broker_down_survive_a_bridge_restart(
         first.submit(f"turn {'on' if i % 2 else 'off'} the kitchen light", f"k{i}")
         for i in range(5)
     ]
-    time.sleep(0.5)  # the worker stores them; the broker is still down
-    assert not first.connected.is_set()
-    first.stop()
+    assert not first.connected.is_set()  # the broker is down
+    first.stop()  # stores what it took before it stops
 
     broker.start()
     sim = DeviceSimulator(registry, port=broker.port).start()

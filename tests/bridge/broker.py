@@ -63,13 +63,18 @@ class Mosquitto:
             "max_queued_messages 100000",
             "max_inflight_messages 100",
             "message_size_limit 2000000",
+            "set_tcp_nodelay true",
             f"listener {self.port} 127.0.0.1",
         ]
         if secure:
             from bridge.tls import make_test_pki
 
             self.pki = make_test_pki(self.folder / "pki")
-            self.users = {"bridge": "bridge-secret", "device": "device-secret"}
+            self.users = {
+                "bridge": "bridge-secret",
+                "device": "device-secret",
+                "observer": "observer-secret",
+            }
             self._password_file()
             acl = self.folder / "acl"
             acl.write_text(
@@ -84,6 +89,8 @@ class Mosquitto:
                 "topic readwrite edgeslm/+/bridge/+/ack\n"
                 "topic write edgeslm/+/command\n"
                 "topic read edgeslm/+/reply\n"
+                "user observer\n"
+                "topic read #\n"
             )
             lines += [
                 "allow_anonymous false",

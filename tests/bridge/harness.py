@@ -44,10 +44,21 @@ def bridge_config(tmp: Path, port: int, **overrides: Any) -> BridgeConfig:
 class Observer:
     """An MQTT client that records every message on `topics` (thread-safe)."""
 
-    def __init__(self, port: int, topics: list[str], **tls: Any) -> None:
+    def __init__(
+        self,
+        port: int,
+        topics: list[str],
+        username: str | None = None,
+        password: str | None = None,
+        ca: str | None = None,
+    ) -> None:
         self.messages: list[tuple[str, bytes, Any]] = []
         self._cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if ca is not None:
+            self.client.tls_set(ca_certs=ca)
         self._topics = topics
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
