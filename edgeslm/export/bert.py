@@ -167,7 +167,7 @@ def _embeddings(b: GraphBuilder, load, cfg: dict[str, Any]) -> str:
         b.const("zero1", _i64([0])),
         b.op("Unsqueeze", seq, b.const("ax0", _i64([0]))),
         b.const("ax0b", _i64([0])),
-    )  # noqa: E501
+    )
     summed = b.op("Add", rows, pos_rows)
     return _layer_norm(b, load, summed, "embeddings.LayerNorm", cfg)
 

@@ -1,6 +1,7 @@
 """The device registry: which floors, areas and devices a site has, and what they do.
 
-A registry is a YAML file (see docs/INTENTS.md and docs/examples/home.yaml):
+A registry is a YAML file (docs/INTENTS.md; an example:
+firmware_bridge/examples/home.yaml):
 
     floors:  - {id: ground, name: Ground Floor, aliases: [downstairs]}
     areas:   - {id: kitchen, name: Kitchen, floor: ground}
@@ -17,7 +18,7 @@ A registry is a YAML file (see docs/INTENTS.md and docs/examples/home.yaml):
 Home Assistant's intent test fixtures (`_fixtures.yaml`: `areas`, `floors`,
 `entities`) load too: entities become devices with their domain's capabilities.
 
-Names may be hassil templates (`"Trader Joe[']s"`); `Registry.names_of` expands them.
+Names may be hassil templates (`"Trader Joe[']s"`); `names_of` expands them.
 Not yet: device groups and per-device custom intents.
 """
 
@@ -82,6 +83,8 @@ MQTT_ADAPTERS = ("json", "zigbee2mqtt", "tasmota", "homeassistant")
 
 @dataclass(frozen=True)
 class Floor:
+    """A floor of the site: `id`, display `name`, other names (`aliases`)."""
+
     id: str
     name: str
     aliases: tuple[str, ...] = ()
@@ -89,6 +92,8 @@ class Floor:
 
 @dataclass(frozen=True)
 class Area:
+    """A room or zone: `id`, display `name`, the `floor` id it is on, `aliases`."""
+
     id: str
     name: str
     floor: str | None = None
@@ -122,6 +127,7 @@ class Device:
     state: str | None = None
 
     def can(self, capability: str) -> bool:
+        """True when the device has `capability` (see `CAPABILITIES`)."""
         return capability in self.capabilities
 
 
@@ -136,9 +142,11 @@ class Registry:
     source: str = ""
 
     def area(self, area_id: str | None) -> Area | None:
+        """The area with this id, or None."""
         return next((a for a in self.areas if a.id == area_id), None)
 
     def area_by_name(self, name: str) -> Area | None:
+        """The area with this display name or alias (any case), or None."""
         key = name.strip().casefold()
         for area in self.areas:
             if key in (n.casefold() for n in names_of(area)):
@@ -146,6 +154,7 @@ class Registry:
         return None
 
     def devices_in(self, area_id: str) -> list[Device]:
+        """The devices of one area."""
         return [d for d in self.devices if d.area == area_id]
 
     def digest(self) -> str:
@@ -196,7 +205,8 @@ def load_registry(path: str | os.PathLike) -> Registry:
     path = Path(path)
     if not path.is_file():
         raise RegistryError(
-            f"no registry file at {path}; write one (see docs/examples/home.yaml)"
+            f"no registry file at {path}; write one (see docs/INTENTS.md and "
+            "firmware_bridge/examples/home.yaml)"
         )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -6,12 +6,16 @@ numbers as words), a leading wake word is dropped, then:
 
 - numbers written as words become digits ("forty five percent" -> 45);
 - device names, areas and floors are found by fuzzy matching word n-grams against
-  the registry (difflib ratio, so "kitchin lights" still finds the kitchen);
+  the registry (difflib's ratio, at least `FUZZY_CUTOFF`, so "kitchin lights" and
+  "bed room lamp" still find their devices);
 - colours come from a fixed list of names;
 - a domain word ("lights", "fan", "blinds") becomes the `domain` slot when no device
-  is named.
+  is named, and intents that only one domain serves imply it.
 
-Not yet: relative amounts ("a bit", "by 20%") as numbers; ordinal floors.
+Slot values follow Home Assistant: display names for `name`, `area` and `floor`,
+numbers for `brightness`, `temperature`, `position`, `volume_level`.
+Not yet: relative amounts ("a bit", "by 20%") as numbers; ordinal floors; colour
+temperatures in words.
 """
 
 from __future__ import annotations
@@ -21,21 +25,23 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeslm.intent.registry import Registry, names_of
+from edgeslm.intent.registry import Device, Registry, names_of
 
 WAKE_WORDS = (
-    "alexa",
-    "olly",
-    "siri",
     "hey google",
     "ok google",
     "okay google",
+    "hey siri",
+    "hey alexa",
+    "alexa",
+    "olly",
+    "siri",
     "google",
     "computer",
-    "hey",
     "jarvis",
     "cortana",
     "assistant",
+    "hey",
 )
 _UNITS = {
     "zero": 0,
@@ -108,9 +114,9 @@ DOMAIN_WORDS = {
         "shutters",
         "garage door",
     ),
-    "switch": ("plug", "plugs", "socket", "sockets", "outlet", "outlets", "switch"),
+    "switch": ("plug", "plugs", "socket", "sockets", "outlet", "outlets"),
     "media_player": ("tv", "television", "speaker", "speakers"),
-    "vacuum": ("vacuum", "robot", "roomba", "hoover"),
+    "vacuum": ("vacuum", "robot", "roomba", "hoover", "vacuum cleaner"),
     "climate": ("thermostat", "heating", "heater", "ac", "air conditioning"),
     "lock": ("lock", "locks"),
 }
@@ -125,15 +131,47 @@ INTENT_CAPABILITIES: dict[str, tuple[str, ...]] = {
     "HassClimateGetTemperature": ("temperature",),
     "HassSetPosition": ("position",),
     "HassSetVolume": ("volume",),
+    "HassSetVolumeRelative": ("volume",),
     "HassMediaPause": ("media",),
     "HassMediaUnpause": ("media",),
     "HassMediaNext": ("media",),
     "HassMediaPrevious": ("media",),
     "HassMediaSearchAndPlay": ("media",),
+    "HassMediaPlayerMute": ("media",),
+    "HassMediaPlayerUnmute": ("media",),
     "HassVacuumStart": ("vacuum",),
     "HassVacuumReturnToBase": ("vacuum",),
+    "HassVacuumCleanArea": ("vacuum",),
+    "HassFanSetSpeed": ("fan_speed",),
+}
+# Intents only one domain serves: the domain is implied when the text names none.
+INTENT_DOMAIN = {
+    "HassLightSet": "light",
+    "HassLightSetRelative": "light",
+    "HassVacuumStart": "vacuum",
+    "HassVacuumReturnToBase": "vacuum",
+    "HassVacuumCleanArea": "vacuum",
+    "HassClimateSetTemperature": "climate",
+    "HassClimateGetTemperature": "climate",
+    "HassFanSetSpeed": "fan",
 }
 LIGHT_INTENTS = ("HassLightSet", "HassLightSetRelative")
+# Slots that pick devices; a state-changing answer needs at least one of them.
+TARGET_SLOTS = ("name", "area", "floor", "domain")
+_NUMBER = re.compile(r"\b(\d+(?:\.\d+)?)\s*(percent|per cent|degrees?)?\b")
+# Direction of a relative change: "too bright" asks for less, "too dark" for more;
+# otherwise a word that lowers wins over one that raises ("make it less bright").
+_TOO_MUCH = re.compile(
+    r"\btoo (bright|strong|harsh|glaring|loud|much)\b|\bblinding\b|\bglar\w*"
+)
+_TOO_LITTLE = re.compile(r"\btoo (dark|dim|weak|quiet|low)\b|\bcan't see\b|\bbarely\b")
+_DOWN = re.compile(
+    r"\b(dim\w*|dark\w*|lower|reduce|decrease|less|down|soft\w*|tone|quiet\w*)\b"
+)
+_UP = re.compile(
+    r"\b(up|bright|brighter|brighten\w*|more|raise|increase|lighter|stronger"
+    r"|higher|boost|louder)\b"
+)
 
 
 def normalize(text: str) -> str:
@@ -144,8 +182,7 @@ def normalize(text: str) -> str:
     text = " ".join(text.split())
     for wake in WAKE_WORDS:
         if text == wake or text.startswith(wake + " "):
-            text = text[len(wake) :].strip()
-            break
+            return text[len(wake) :].strip()
     return text
 
 
@@ -167,46 +204,77 @@ def words_to_numbers(text: str) -> str:
 
 def _read_number(words: list[str], i: int) -> tuple[int, int]:
     """(value, words used) of a number written as words starting at `i`."""
-    word = words[i]
-    if word in ("hundred", "a") and word == "a":
-        if i + 1 < len(words) and words[i + 1] == "hundred":
-            return 100, 2
-        return 0, 0
-    if word == "half" and (i == 0 or words[i - 1] not in ("a", "and")):
-        return 50, 1
-    value, used = 0, 0
+    word, after = words[i], words[i + 1] if i + 1 < len(words) else ""
+    if word in ("a", "one") and after == "hundred":
+        return 100, 2
     if word in _TENS:
-        value, used = _TENS[word], 1
-        if i + 1 < len(words) and words[i + 1] in _UNITS and _UNITS[words[i + 1]] < 10:
-            value, used = value + _UNITS[words[i + 1]], 2
-    elif word in _UNITS:
-        value, used = _UNITS[word], 1
-        if i + 1 < len(words) and words[i + 1] == "hundred":
-            value, used = value * 100, 2
-    return value, used
+        if after in _UNITS and 0 < _UNITS[after] < 10:
+            return _TENS[word] + _UNITS[after], 2
+        return _TENS[word], 1
+    if word in _UNITS:
+        return _UNITS[word], 1
+    return 0, 0
+
+
+VALUE_SLOTS = ("brightness", "color", "temperature", "position", "volume_level")
 
 
 @dataclass
 class Resolved:
-    """Slots found in a text, with the registry devices they point at."""
+    """Slots found in a text, with the registry devices they point at.
+
+    Attributes:
+        slots: Home Assistant slot names -> values.
+        devices: ids of the devices the slots select.
+        grounded: the text itself names a target (device, area, floor, domain
+            word) or a value, or the intent implies its domain; not only the
+            request context or the encoder's domain guess.
+    """
 
     slots: dict[str, Any] = field(default_factory=dict)
     devices: list[str] = field(default_factory=list)
+    grounded: bool = False
+
+
+class _Fuzzy:
+    """One registry name, ready for fast fuzzy comparison with n-grams."""
+
+    def __init__(self, key: str, value: str, item: Any) -> None:
+        self.key, self.value, self.item = key, value, item
+        self.n_words = len(key.split())
+        self.matcher = difflib.SequenceMatcher(None, "", key)  # seq2 cached
+
+    def score(self, gram: str) -> float:
+        if gram == self.key:
+            return 1.0
+        if abs(len(gram) - len(self.key)) > 3:
+            return 0.0
+        m = self.matcher
+        m.set_seq1(gram)
+        if m.real_quick_ratio() < FUZZY_CUTOFF or m.quick_ratio() < FUZZY_CUTOFF:
+            return 0.0
+        return m.ratio()
 
 
 class SlotResolver:
-    """Finds registry names and values in free text."""
+    """Finds registry names and values in free text.
+
+    Args:
+        registry: the site whose names are looked for.
+    """
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._names = [
-            (n.casefold(), n, d) for d in registry.devices for n in names_of(d)
+            _Fuzzy(n.casefold(), n, d) for d in registry.devices for n in names_of(d)
         ]
         self._areas = [
-            (n.casefold(), a.name, a) for a in registry.areas for n in names_of(a)
+            _Fuzzy(n.casefold(), a.name, a) for a in registry.areas for n in names_of(a)
         ]
         self._floors = [
-            (n.casefold(), f.name, f) for f in registry.floors for n in names_of(f)
+            _Fuzzy(n.casefold(), f.name, f)
+            for f in registry.floors
+            for n in names_of(f)
         ]
 
     def resolve(
@@ -214,8 +282,20 @@ class SlotResolver:
         text: str,
         intent: str | None = None,
         context: dict[str, Any] | None = None,
+        domain: str | None = None,
     ) -> Resolved:
-        """Slots for `text`; `context` may give the satellite's `area`."""
+        """Slots for `text`.
+
+        Args:
+            text: the request (normalized here).
+            intent: the intent the slots are for; picks value slots and the
+                devices that can be named.
+            context: request context; its `area` is used when the text names
+                neither a device nor an area.
+            domain: a domain guessed from the meaning (the encoder's domain
+                head), used when the text names no device and no domain word;
+                it narrows an area to that kind of device.
+        """
         norm = words_to_numbers(normalize(text))
         words = norm.split()
         out = Resolved()
@@ -227,67 +307,79 @@ class SlotResolver:
         names = [
             row
             for row in self._names
-            if wanted is None or any(row[2].can(c) for c in wanted)
+            if wanted is None or any(row.item.can(c) for c in wanted)
         ]
         device = self._best(words, names, taken)
         if device is not None:
-            out.slots["name"] = device[1]
-            out.devices.append(device[2].id)
+            out.slots["name"] = device.value
+            out.devices.append(device.item.id)
         area = self._best(words, self._areas, taken)
         if area is not None:
-            out.slots["area"] = area[1]
+            out.slots["area"] = area.value
         floor = self._best(words, self._floors, taken)
         if floor is not None:
-            out.slots["floor"] = floor[1]
-        if "name" not in out.slots and "area" not in out.slots and context:
-            if context.get("area"):
-                out.slots["area"] = context["area"]
+            out.slots["floor"] = floor.value
+        out.grounded = bool({"name", "area", "floor"} & set(out.slots))
+        if not out.grounded and context and context.get("area"):
+            out.slots["area"] = context["area"]
 
         # Domain from words like "lights" when no device is named.
         if "name" not in out.slots:
             free = " ".join(w for k, w in enumerate(words) if k not in taken)
-            for domain, cues in DOMAIN_WORDS.items():
+            for name, cues in DOMAIN_WORDS.items():
                 if any(re.search(rf"\b{re.escape(c)}\b", free) for c in cues):
-                    out.slots["domain"] = domain
+                    out.slots["domain"] = name
+                    out.grounded = True
                     break
-            if intent in LIGHT_INTENTS:
-                out.slots["domain"] = "light"
+            if intent in LIGHT_INTENTS and "domain" not in out.slots:
+                out.slots["domain"] = "light"  # as Home Assistant's templates do
+            elif "domain" not in out.slots and intent not in INTENT_DOMAIN:
+                if domain is not None:
+                    out.slots["domain"] = domain
 
         self._values(norm, intent, out)
+        if intent in INTENT_DOMAIN or any(k in out.slots for k in VALUE_SLOTS):
+            out.grounded = True
         if not out.devices:
+            slots = out.slots
+            if intent in INTENT_DOMAIN and not any(slots.get(k) for k in TARGET_SLOTS):
+                slots = {**slots, "domain": INTENT_DOMAIN[intent]}
             out.devices = [
                 d.id
-                for d in self.targets(out.slots)
+                for d in self.targets(slots)
                 if wanted is None or any(d.can(c) for c in wanted)
             ]
         return out
 
     def _values(self, norm: str, intent: str | None, out: Resolved) -> None:
         """Numbers, percentages and colours, named after the intent's slots."""
-        number = re.search(r"\b(\d+(?:\.\d+)?)\s*(percent|per cent|degrees?)?\b", norm)
-        if intent in ("HassLightSet", "HassLightSetRelative", None):
-            if number and number.group(2) != "degrees":
+        number = _NUMBER.search(norm)
+        if intent in ("HassLightSet", None):
+            if number and number.group(2) not in ("degree", "degrees"):
                 out.slots["brightness"] = _num(number.group(1))
             elif re.search(r"\b(full|max|maximum|highest)\b", norm):
                 out.slots["brightness"] = 100
+            elif re.search(r"\b(half|halfway)\b", norm):
+                out.slots["brightness"] = 50
             for color in sorted(COLORS, key=len, reverse=True):
                 if re.search(rf"\b{color}\b", norm):
                     out.slots["color"] = color
                     break
         elif intent == "HassClimateSetTemperature" and number:
             out.slots["temperature"] = _num(number.group(1))
-        elif intent == "HassSetPosition" and number:
-            out.slots["position"] = _num(number.group(1))
+        elif intent == "HassSetPosition":
+            if number:
+                out.slots["position"] = _num(number.group(1))
+            elif re.search(r"\b(half|halfway)\b", norm):
+                out.slots["position"] = 50
         elif intent == "HassSetVolume" and number:
             out.slots["volume_level"] = _num(number.group(1))
         if intent == "HassLightSetRelative":
-            up = re.search(
-                r"\b(up|bright\w*|more|raise|increase|lighter|stronger)\b", norm
-            )
-            out.slots["brightness_step"] = "up" if up else "down"
-            out.slots.pop("color", None)
+            out.slots["brightness_step"] = _direction(norm)
+        elif intent == "HassSetVolumeRelative":
+            out.slots["volume_step"] = _direction(norm)
 
-    def _best(self, words: list[str], table, taken: set[int]):
+    def _best(self, words: list[str], table: list[_Fuzzy], taken: set[int]):
         """The table row whose name best matches a free n-gram of `words`."""
         best, best_score, best_span = None, 0.0, None
         for n in range(min(4, len(words)), 0, -1):
@@ -296,27 +388,41 @@ class SlotResolver:
                 if taken.intersection(span):
                     continue
                 gram = " ".join(words[start : start + n])
-                for key, value, item in table:
-                    if abs(len(key) - len(gram)) > 3:
+                for row in table:
+                    score = row.score(gram)
+                    if score < FUZZY_CUTOFF:
                         continue
-                    score = difflib.SequenceMatcher(None, gram, key).ratio()
                     score += 0.01 * n  # prefer longer names on ties
-                    if score > best_score and score >= FUZZY_CUTOFF:
-                        best, best_score, best_span = (key, value, item), score, span
+                    if score > best_score:
+                        best, best_score, best_span = row, score, span
         if best_span is not None:
             taken.update(best_span)
         return best
 
-    def targets(self, slots: dict[str, Any]) -> list:
-        """Registry devices the slots select (HA's matching: name, area, floor,
-        domain)."""
+    def targets(self, slots: dict[str, Any]) -> list[Device]:
+        """Registry devices the slots select, as Home Assistant matches them.
+
+        `name`, `area`, `floor`, `domain` (one or a list) and `device_class` all
+        have to fit; a `name` of "all" selects nothing by name. No targeting slot
+        at all selects nothing (Home Assistant never acts on everything at once).
+        """
+        name = slots.get("name")
+        if name == "all":
+            name = None
+        if name is None and not any(slots.get(k) for k in TARGET_SLOTS[1:]):
+            return []
         area = self.registry.area_by_name(slots["area"]) if "area" in slots else None
         floor_ids = {
             f.id for f in self.registry.floors if slots.get("floor") in names_of(f)
         }
+        domains = slots.get("domain")
+        domains = set(domains) if isinstance(domains, list) else {domains}
+        device_class = slots.get("device_class")
         out = []
         for device in self.registry.devices:
-            if "name" in slots and slots["name"] not in names_of(device):
+            if name is not None and name.casefold() not in (
+                n.casefold() for n in names_of(device)
+            ):
                 continue
             if "area" in slots and (area is None or device.area != area.id):
                 continue
@@ -324,10 +430,25 @@ class SlotResolver:
                 dev_area = self.registry.area(device.area)
                 if dev_area is None or dev_area.floor not in floor_ids:
                     continue
-            if "domain" in slots and device.domain != slots["domain"]:
+            if slots.get("domain") and device.domain not in domains:
+                continue
+            if device_class and device.attributes.get("device_class") not in (
+                device_class if isinstance(device_class, list) else [device_class]
+            ):
                 continue
             out.append(device)
         return out
+
+
+def _direction(norm: str) -> str:
+    """ "up" or "down" for a relative change, from the words of the request."""
+    if _TOO_MUCH.search(norm):
+        return "down"
+    if _TOO_LITTLE.search(norm):
+        return "up"
+    if _DOWN.search(norm):
+        return "down"
+    return "up" if _UP.search(norm) else "down"
 
 
 def _num(text: str) -> int | float:

@@ -1,0 +1,317 @@
+"""The layered recognizer on a real site: templates, the MiniLM encoder, the chat
+model (SmolLM2), validation against the registry, the CLI and the Python API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeslm.intent.recognizer import (
+    STATE_CHANGING,
+    Guess,
+    IntentRecognizer,
+    load_recognizer,
+)
+from edgeslm.intent.registry import load_registry
+
+REPO = Path(__file__).resolve().parent.parent
+HOME = REPO / "firmware_bridge" / "examples" / "home.yaml"
+
+
+@pytest.fixture(scope="module")
+def templates_only():
+    return IntentRecognizer.from_file(HOME, encoder=False)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from edgeslm.encoder import load_encoder
+
+    return load_encoder()
+
+
+@pytest.fixture(scope="module")
+def rec(encoder):
+    # The user's cache (as `edgeslm intent` uses it): trained once per machine.
+    return IntentRecognizer.from_file(HOME, encoder=encoder, chat=False)
+
+
+def test_template_answers_with_slots_and_devices(templates_only):
+    result = templates_only.recognize("turn the kitchen light to 40%")
+    assert result.intent == "HassLightSet" and result.layer == "template"
+    assert result.slots == {"name": "Kitchen light", "brightness": 40}
+    assert result.devices == ("light.kitchen",) and result.confidence == 1.0
+    assert result.actionable and result.latency_ms > 0
+
+
+def test_template_is_tried_without_the_wake_word(templates_only):
+    result = templates_only.recognize("Alexa, turn off the desk lamp")
+    assert result.intent == "HassTurnOff" and result.devices == ("light.desk_lamp",)
+
+
+def test_context_area_of_a_voice_satellite(templates_only):
+    result = templates_only.recognize("turn on the lights", {"area": "Kitchen"})
+    assert result.intent == "HassTurnOn"
+    assert result.slots == {"area": "Kitchen", "domain": "light"}
+    assert result.devices == ("light.kitchen",)
+
+
+def test_out_of_range_value_is_recognized_but_not_actionable(templates_only):
+    result = templates_only.recognize("set the thermostat to 35 degrees")
+    assert result.intent == "HassClimateSetTemperature"
+    assert result.error == "temperature 35 is outside 16..28"
+    assert not result.actionable
+
+
+def test_request_for_a_missing_device_says_so(templates_only):
+    result = templates_only.recognize("turn on the fans in the kitchen")
+    assert result.layer == "template" and not result.actionable
+    assert result.error.startswith("no device of this site")
+
+
+def test_intents_the_site_cannot_serve_are_not_matched(templates_only):
+    # No media player in this home: "play ..." is not a command for it.
+    assert "HassMediaSearchAndPlay" not in templates_only.templates.intent_names
+    result = templates_only.recognize("play some jazz", {"area": "Kitchen"})
+    assert result.intent != "HassMediaSearchAndPlay"
+
+
+def test_bad_input_is_refused_or_rejected(templates_only):
+    with pytest.raises(TypeError, match="string"):
+        templates_only.recognize(None)
+    with pytest.raises(TypeError, match="dict"):
+        templates_only.recognize("lights on", ["Kitchen"])
+    assert not templates_only.recognize("   ").recognized
+    assert not templates_only.recognize("!!! ???").recognized
+    started = time.perf_counter()
+    result = templates_only.recognize("turn on the light " * 2000)
+    assert time.perf_counter() - started < 1
+    assert not result.recognized and "longer than 500" in result.error
+    assert templates_only.recognize("turn on the desk lamp " * 20).recognized is False
+    with pytest.raises(ValueError, match="threshold"):
+        IntentRecognizer(templates_only.registry, encoder=False, threshold=1.5)
+
+
+# --- layer (b) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,intent,devices",
+    [
+        (
+            "it's way too bright in the office",
+            "HassLightSetRelative",
+            {"light.desk_lamp"},
+        ),
+        ("the kitchen light is too dim", "HassLightSetRelative", {"light.kitchen"}),
+        ("could you kill the light in the kitchen", "HassTurnOff", {"light.kitchen"}),
+        ("kichen light to fourty percent", "HassLightSet", {"light.kitchen"}),
+    ],
+)
+def test_encoder_layer_answers_paraphrases(rec, text, intent, devices):
+    result = rec.recognize(text)
+    assert result.intent == intent, result
+    assert set(result.devices) == devices and result.actionable
+    if result.layer == "encoder":
+        assert rec.threshold <= result.confidence <= 1.0
+
+
+def test_words_and_typos_become_values(rec):
+    result = rec.recognize("kichen light to fourty percent")
+    assert result.slots.get("brightness") == 40
+    result = rec.recognize("it's way too bright in the office")
+    assert result.slots.get("brightness_step") == "down"
+
+
+OUT_OF_DOMAIN = [
+    "what's the weather in paris",
+    "tell me a joke about penguins",
+    "how far away is the moon",
+    "book a table for two at eight",
+    "what's your favourite colour",
+    "remind me to call the plumber",
+    "turn the page",
+]
+
+
+@pytest.mark.parametrize("context", [{}, {"area": "Office"}])
+def test_out_of_domain_requests_change_nothing(rec, context):
+    acted = []
+    for text in OUT_OF_DOMAIN:
+        result = rec.recognize(text, context)
+        if result.intent in STATE_CHANGING and result.actionable:
+            acted.append((text, result.intent, result.layer))
+    assert acted == []
+
+
+def test_training_is_cached(rec, encoder, tmp_path, monkeypatch):
+    import shutil
+
+    from edgeslm.hub import cache_dir
+    from edgeslm.intent import classifier
+
+    # Start from this machine's sentence embeddings, without a trained head.
+    for path in (cache_dir() / "intent").glob("embeddings-*.npz"):
+        shutil.copy(path, tmp_path / path.name)
+    trainings = []
+    real_train = classifier.train
+
+    def counting_train(*args, **kwargs):
+        trainings.append(time.perf_counter())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(classifier, "train", counting_train)
+    first = IntentRecognizer.from_file(
+        HOME, encoder=encoder, chat=False, cache_dir=tmp_path
+    )
+    assert len(trainings) == 1 and list(tmp_path.glob("intent-classifier-*.npz"))
+    again = IntentRecognizer.from_file(
+        HOME, encoder=encoder, chat=False, cache_dir=tmp_path
+    )
+    assert len(trainings) == 1  # loaded, not trained again
+    assert again.classifier.answerable == first.classifier.answerable
+    assert again.classifier.intent_head.classes == rec.classifier.intent_head.classes
+
+    # A corrupt cached head is trained again, not a crash.
+    for path in tmp_path.glob("intent-classifier-*.npz"):
+        path.write_bytes(b"not an npz file")
+    third = IntentRecognizer.from_file(
+        HOME, encoder=encoder, chat=False, cache_dir=tmp_path
+    )
+    assert len(trainings) == 2
+    assert third.recognize("kill the light in the kitchen").intent == "HassTurnOff"
+
+
+def test_embedding_cache_embeds_only_new_sentences(tmp_path):
+    import numpy as np
+
+    from edgeslm.intent.classifier import embed_cached
+
+    class Fake:
+        manifest = type("M", (), {"files": {"model.onnx.data": "ab" * 32}})()
+        seen: list[str] = []
+
+        def embed(self, texts, **kwargs):
+            self.seen.extend(texts)
+            return np.array([[len(t), 1.0] for t in texts], np.float32)
+
+    fake = Fake()
+    first = embed_cached(fake, ["a", "bb", "a"], tmp_path)
+    assert sorted(fake.seen) == ["a", "bb"] and first.shape == (3, 2)
+    second = embed_cached(fake, ["bb", "ccc"], tmp_path)
+    assert fake.seen[2:] == ["ccc"] and second[1, 0] == 3
+    (cache,) = tmp_path.glob("embeddings-*.npz")
+    cache.write_bytes(b"\x00broken")
+    assert embed_cached(fake, ["a"], tmp_path).shape == (1, 2)  # re-embedded
+
+
+# --- layer (c) ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_rec(rec):
+    import edgeslm
+
+    chat = IntentRecognizer(
+        rec.registry, encoder=rec.encoder, chat=edgeslm.load(), cache_dir=None
+    )
+    return chat
+
+
+def test_chat_schema_is_the_registry_s_intents_and_ranges(rec):
+    schema = rec.chat_schema(["HassClimateSetTemperature", "HassTurnOff"])
+    assert schema["properties"]["intent"]["enum"] == [
+        "HassClimateSetTemperature",
+        "HassTurnOff",
+        "none",
+    ]
+    assert schema["properties"]["value"] == {
+        "type": "integer",
+        "minimum": 16,
+        "maximum": 28,
+    }
+    assert "Thermostat" in schema["properties"]["device"]["enum"]
+    assert schema["required"] == ["intent", "device"]
+    only = rec.chat_schema(["HassClimateSetTemperature"])["properties"]["device"]
+    assert only == {"enum": ["Thermostat", "none"]}
+    assert "value" not in rec.chat_schema(["HassTurnOff"])["properties"]
+
+
+def test_chat_layer_answers_within_the_candidates(chat_rec):
+    guess = Guess(
+        ranked=[("HassTurnOff", 0.45), ("HassTurnOn", 0.4), ("NONE", 0.15)],
+        answerable=chat_rec.classifier.answerable,
+        domain="light",
+        domain_p=0.9,
+    )
+    result = chat_rec.chat_layer("switch off the kitchen light", {}, guess)
+    assert result is None or result.intent in ("HassTurnOff", "HassTurnOn")
+    if result is not None:
+        assert result.layer == "chat" and result.devices == ("light.kitchen",)
+
+    # Only "none" to choose from: the layer cannot answer.
+    nothing = Guess([("NONE", 0.9)], chat_rec.classifier.answerable, "light", 0.9)
+    assert chat_rec.chat_layer("switch off the kitchen light", {}, nothing) is None
+
+
+def test_chat_layer_failure_falls_back_to_not_recognized(rec):
+    class Broken:
+        def chat(self, *args, **kwargs):
+            raise RuntimeError("model crashed")
+
+    broken = IntentRecognizer(rec.registry, encoder=rec.encoder, chat=Broken())
+    guess = Guess([("HassTurnOff", 0.45)], rec.classifier.answerable, "light", 0.9)
+    assert broken.chat_layer("switch off the kitchen light", {}, guess) is None
+
+
+# --- the Python API for the bridge, and the command line ------------------------------
+
+
+def test_load_recognizer_is_a_callable_for_the_bridge():
+    recognize = load_recognizer(str(HOME), encoder=False)
+    result = recognize("close the blinds")
+    assert result.intent == "HassTurnOff" and result.devices == ("cover.blinds",)
+
+
+def edgeslm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeslm", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_prints_the_intent():
+    done = edgeslm(
+        "intent", "turn the kitchen light to 40%", "--registry", str(HOME),
+        "--templates-only", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["intent"] == "HassLightSet" and answer["devices"] == ["light.kitchen"]
+    assert answer["slots"] == {"name": "Kitchen light", "brightness": 40}
+
+    done = edgeslm(
+        "intent", "what is love", "--registry", str(HOME), "--templates-only"
+    )
+    assert done.returncode == 1 and done.stdout.startswith("not recognized")
+
+
+def test_cli_bad_registry_is_a_clear_error(tmp_path):
+    bad = tmp_path / "site.yaml"
+    bad.write_text("devices:\n  - {id: light.a}\n")
+    done = edgeslm("intent", "lights on", "--registry", str(bad), "--templates-only")
+    assert done.returncode == 1
+    assert "site.yaml" in done.stderr and "needs a 'name'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_registry_of_the_bridge_still_loads():
+    registry = load_registry(HOME)
+    assert {d.id for d in registry.devices} >= {"light.kitchen", "cover.blinds"}

@@ -1,0 +1,97 @@
+"""tools/eval_intents: HA's scoring rule, data hygiene, and a small slice of the
+evaluation run end to end (the full run is the tool, not a test)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL = REPO / "tools" / "eval_intents"
+sys.path.insert(0, str(TOOL))
+
+from ha_suite import load_cases, slots_match  # noqa: E402
+from slurp import MAPPING, load_requests  # noqa: E402
+
+from edgeslm.intent.slots import normalize  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "expected,got,ok",
+    [
+        ({"name": "Lamp"}, {"name": "Lamp"}, True),
+        ({"name": "Lamp"}, {}, False),  # an expected slot is missing
+        ({}, {"name": "Lamp"}, False),  # a returned slot was not expected
+        ({"name": "Lamp"}, {"name": "Lamp", "area": "Kitchen"}, False),
+        ({"brightness": 50}, {"brightness": 50.0}, True),
+        ({"domain": ["light", "switch"]}, {"domain": "switch"}, True),  # one of
+        ({"domain": ["light", "switch"]}, {"domain": "fan"}, False),
+        ({"domain": ["light", "switch"]}, {"domain": ["light", "switch", "fan"]}, True),
+        ({"domain": "light"}, {"domain": ["light", "switch"]}, True),
+        ({"domain": "light"}, {"domain": ["fan"]}, False),
+    ],
+)
+def test_slots_are_scored_as_home_assistant_scores_them(expected, got, ok):
+    assert slots_match(expected, got) is ok
+
+
+def test_suites_load(shared_data):
+    cases = load_cases(shared_data / "ha-intents-tests-en")
+    assert len(cases) == 1024
+    assert {c.intent for c in cases} >= {"HassTurnOn", "HassLightSet", "HassGetState"}
+    requests = load_requests(shared_data / "slurp" / "devel.jsonl")
+    iot = [r for r in requests if r.in_domain]
+    assert len(requests) == 2033 and len(iot) == 118
+    assert all(r.accepted for r in iot) and set(MAPPING) >= {
+        r.slurp_intent for r in iot
+    }
+
+
+def _training_and_calibration() -> tuple[set[str], set[str]]:
+    examples = yaml.safe_load(
+        (REPO / "edgeslm" / "intent" / "data" / "examples_en.yaml").read_text()
+    )
+    train = {normalize(t) for sentences in examples.values() for t in sentences}
+    calibration = yaml.safe_load((TOOL / "calibration_en.yaml").read_text())
+    held_out = {normalize(t) for ts in calibration["in_domain"].values() for t in ts}
+    held_out |= {normalize(t) for t in calibration["out_of_domain"]}
+    return train, held_out
+
+
+def test_no_evaluation_sentence_is_training_or_calibration_data(shared_data):
+    train, held_out = _training_and_calibration()
+    evaluation = {
+        normalize(c.text) for c in load_cases(shared_data / "ha-intents-tests-en")
+    }
+    evaluation |= {
+        normalize(r.text) for r in load_requests(shared_data / "slurp" / "devel.jsonl")
+    }
+    assert not (train & evaluation), sorted(train & evaluation)[:10]
+    assert not (held_out & evaluation), sorted(held_out & evaluation)[:10]
+    assert not (train & held_out), sorted(train & held_out)[:10]
+
+
+def test_evaluation_slice_end_to_end(tmp_path, report):
+    import run
+
+    out = tmp_path / "results.json"
+    assert run.main(["--limit", "40", "--no-chat", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    ha_peer, ha_ours = results["ha/hassil"], results["ha/edgeslm"]
+    slurp_peer, slurp_ours = results["slurp/hassil"], results["slurp/edgeslm"]
+    assert ha_ours["n"] == ha_peer["n"] == 40
+    assert set(ha_ours["layers"]) <= {"template", "encoder", "none"}
+    assert ha_ours["intent_acc"] >= ha_peer["intent_acc"]
+    assert slurp_ours["iot"]["intent_acc"] >= slurp_peer["iot"]["intent_acc"] + 30
+    for context in ("ood_no_context", "ood_area_context"):
+        assert slurp_ours[context]["state_changing_pct"] <= 5.0
+    assert slurp_ours["iot"]["layer_own_latency"]["encoder"]["p50_ms"] > 0
+    ours, peer = slurp_ours["iot"]["intent_acc"], slurp_peer["iot"]["intent_acc"]
+    report(
+        f"eval slice (40 each): HA intent {ha_ours['intent_acc']}% "
+        f"(hassil {ha_peer['intent_acc']}%), SLURP iot {ours}% (hassil {peer}%)"
+    )
