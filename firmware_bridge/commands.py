@@ -88,7 +88,8 @@ def plan_commands(
     """Turn a recognized intent into checked commands, one per targeted device.
 
     Raises:
-        CommandRejected: not recognized or below `min_confidence`, unsupported
+        CommandRejected: not recognized, recognized with an error, or below
+            `min_confidence`, unsupported
             intent, no or unknown device, action not allowed, value missing or out
             of range.
     """
@@ -96,6 +97,10 @@ def plan_commands(
         raise CommandRejected(
             "not_recognized", f"no intent recognized in {result.text!r}"
         )
+    if result.error is not None:
+        # Recognized, but the intent layer found it cannot be carried out here
+        # (a value outside the device's range, an intent no device serves).
+        raise CommandRejected("intent_error", f"{result.intent}: {result.error}")
     if result.confidence < min_confidence:
         raise CommandRejected(
             "low_confidence",

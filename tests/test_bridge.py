@@ -513,6 +513,13 @@ def _result(intent, **slots):
         (_result("HassTurnOn"), "no_device"),
         (_result("HassGetWeather", name="switch.fan"), "unsupported_intent"),
         (_result(None), "not_recognized"),
+        (
+            dataclasses.replace(
+                _result("HassClimateSetTemperature", name="climate.living_room"),
+                error="temperature 35 is outside 16..28",
+            ),
+            "intent_error",
+        ),
     ],
 )
 def test_safety_gate_rejects(registry, result, code):
