@@ -30,6 +30,9 @@ __all__ = ["App", "Server", "load_app"]
 
 log = logging.getLogger(__name__)
 
+# The name /v1/models gives `--encoder default`.
+DEFAULT_ENCODER_ID = "all-MiniLM-L6-v2"
+
 
 def load_app(
     model: str | None,
@@ -61,13 +64,16 @@ def load_app(
 
     chat_model = edgeslm.load(model, n_threads=n_threads, n_ctx=n_ctx)
     enc = None
+    encoder_id = "edgeslm-encoder"
     if encoder is not None:
         enc = load_encoder(None if encoder == "default" else encoder)
+        # The default is exported into the cache under a hashed folder name.
+        encoder_id = DEFAULT_ENCODER_ID if encoder == "default" else Path(encoder).name
     return App(
         chat_model,
         enc,
         model_id=chat_model.path.name,
-        encoder_id=enc.package.name if enc is not None else "edgeslm-encoder",
+        encoder_id=encoder_id,
         max_waiting=max_waiting,
     )
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgeslm.errors import EdgeSLMError
+from edgeslm.errors import EdgeSLMError, TruncatedOutputError
 from edgeslm.generation import Generation
 from edgeslm.serve import tools
 from edgeslm.serve.protocol import (
@@ -39,6 +39,7 @@ from edgeslm.serve.protocol import (
     generation_request,
 )
 from edgeslm.serve.queue import ClientGone, ModelQueue
+from edgeslm.structured import ToolCall, tool_call_format
 
 log = logging.getLogger(__name__)
 
@@ -173,27 +174,39 @@ class App:
             raise bad("messages", "is required", "missing_field")
         messages = chat_messages(req.fields["messages"])
         plan = tools.plan(req.fields.get("tools"), req.fields.get("tool_choice"))
+        if not plan.active:  # Model.tool_call writes earlier calls itself
+            call_format, _ = tool_call_format(model)
+            messages = tools.with_calls_as_text(messages, call_format)
         response_format = req.fields.get("response_format")
         if plan.active and response_format and response_format.get("type") != "text":
             raise bad(
                 "response_format",
                 "cannot be combined with tools: a tool call is already JSON",
             )
-        messages = tools.with_tools(messages, plan)
-        options = {**req.options, **tools.constraint_options(plan)}
+        options = dict(req.options)
         if response_format is not None:
             options["response_format"] = response_format
 
+        answer = None
         with self._turn(client):
             if req.max_tokens is None:
-                text = model.chat_template.render(messages, add_generation_prompt=True)
+                # OpenAI's default: as much as the context leaves.
+                render = model.chat_template.render
+                text = _call(render, messages, add_generation_prompt=True)
                 used = len(model.tokenize(text, add_bos=False))
                 options["max_tokens"] = max(1, model.n_ctx - used)
-            pieces = _call(
-                model.chat, messages, stream=True, cancel=client.gone, **options
-            )
-            shape = _Shape("chat", "chatcmpl-", self.model_id, plan)
-            self._answer(pieces, req, client, shape)
+            if plan.active:
+                answer = self._answer_with_tools(
+                    model, messages, plan, options, req, client
+                )
+            else:
+                pieces = _call(
+                    model.chat, messages, stream=True, cancel=client.gone, **options
+                )
+                shape = _Shape("chat", "chatcmpl-", self.model_id)
+                answer = self._answer(pieces, req, client, shape)
+        if answer is not None:  # sent once the model is free for the next one
+            client.send_json(answer)
 
     def completions(self, body: Any, client: Client) -> None:
         """POST /v1/completions."""
@@ -216,7 +229,9 @@ class App:
                 model.generate, prompt, stream=True, cancel=client.gone, **options
             )
             shape = _Shape("text", "cmpl-", self.model_id, echo=echo)
-            self._answer(pieces, req, client, shape)
+            answer = self._answer(pieces, req, client, shape)
+        if answer is not None:
+            client.send_json(answer)
 
     def embeddings(self, body: Any, client: Client) -> None:
         """POST /v1/embeddings."""
@@ -236,10 +251,16 @@ class App:
         if f.get("dimensions", dim) != dim:
             raise bad("dimensions", f"this encoder gives {dim} dimensions only")
         with self._turn(client):
+            started = time.perf_counter()
             vectors = self.encoder.embed(texts)
             n_tokens = sum(
                 len(e.ids) for e in self.encoder.tokenizer.encode_batch(texts)
             )
+        self.count("served")
+        seconds = time.perf_counter() - started
+        log.info(
+            "embeddings: %d texts, %d tokens in %.2f s", len(texts), n_tokens, seconds
+        )
         as_base64 = f.get("encoding_format") == "base64"
         data = [
             {
@@ -282,8 +303,11 @@ class App:
         req: GenerationRequest,
         client: Client,
         shape: _Shape,
-    ) -> None:
-        """Run the generation and send it whole or as events.
+    ) -> dict[str, Any] | None:
+        """Run the generation; stream it as events, or return the whole answer.
+
+        Returns:
+            The answer to send once the model is free; None if it was streamed.
 
         Raises:
             ClientGone: the caller left; the generation stopped at the next token.
@@ -294,11 +318,11 @@ class App:
         try:
             if req.stream:
                 _send_stream(stream, req, client, shape)
-            else:
-                text = "".join(stream)
-                if stream.result.finish_reason == "cancelled":
-                    raise ClientGone
-                client.send_json(shape.whole(text, stream.result))
+                return None
+            text = "".join(stream)
+            if stream.result.finish_reason == "cancelled":
+                raise ClientGone
+            return shape.whole(text, stream.result)
         except ClientGone:
             # The transport now reports the client gone: the generation ends at
             # its next step, and the result says how far it got.
@@ -308,6 +332,50 @@ class App:
         finally:
             self._record(shape.kind, stream.result, time.perf_counter() - started)
 
+    def _answer_with_tools(
+        self,
+        model: Any,
+        messages: list[dict[str, Any]],
+        plan: tools.ToolPlan,
+        options: dict[str, Any],
+        req: GenerationRequest,
+        client: Client,
+    ) -> dict[str, Any] | None:
+        """Run `Model.tool_call`; stream its call or plain answer, or return it.
+
+        Returns:
+            The answer to send once the model is free; None if it was streamed.
+
+        Raises:
+            ClientGone: the caller left; the generation stopped at the next token.
+        """
+        started = time.perf_counter()
+        result: Generation | None = None
+        try:
+            try:
+                response = model.tool_call(
+                    messages,
+                    list(plan.tools),
+                    tool_choice=plan.choice,
+                    cancel=client.gone,
+                    **options,
+                )
+                result, call = response.generation, response.call
+            except TruncatedOutputError as exc:  # cut short inside a call
+                result, call = exc.generation, None
+            except (EdgeSLMError, ValueError, TypeError) as exc:
+                code = "context_length_exceeded" if "context" in str(exc) else None
+                raise APIError(400, str(exc), code=code or "invalid_value") from exc
+            if result.finish_reason == "cancelled":
+                raise ClientGone
+            shape = _Shape("chat", "chatcmpl-", self.model_id)
+            if req.stream:
+                _send_tool_stream(result, call, req, client, shape)
+                return None
+            return shape.whole(result.text, result, call)
+        finally:
+            self._record("chat", result, time.perf_counter() - started)
+
     def _record(self, endpoint: str, result: Generation | None, seconds: float) -> None:
         if result is None:  # failed before its end
             self.count("failed")
@@ -316,7 +384,7 @@ class App:
         prompt, completion = result.stats.prompt_tokens, len(result.tokens)
         self.recent.append(Served(endpoint, reason, prompt, completion, seconds))
         self.count("cancelled" if reason == "cancelled" else "served")
-        log.debug(
+        log.info(
             "%s: %d + %d tokens in %.2f s, %s",
             endpoint,
             prompt,
@@ -376,7 +444,6 @@ class _Shape:
     kind: str  # "chat" or "text"
     prefix: str
     model_id: str
-    plan: tools.ToolPlan = tools.ToolPlan()
     echo: str = ""
 
     def __post_init__(self) -> None:
@@ -395,17 +462,19 @@ class _Shape:
             body["usage"] = usage
         return body
 
-    def whole(self, text: str, result: Generation) -> dict[str, Any]:
-        """The non-streaming answer."""
+    def whole(
+        self, text: str, result: Generation, call: ToolCall | None = None
+    ) -> dict[str, Any]:
+        """The non-streaming answer: text, or a tool call."""
         finish = FINISH_REASONS[result.finish_reason]
         if self.kind == "text":
             choice = {"index": 0, "text": self.echo + text, "logprobs": None}
             choice["finish_reason"] = finish
             return self._envelope("text_completion", [choice], usage(result))
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        call = tools.parse_call(text, self.plan)
         if call is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            message["content"] = None
+            message["tool_calls"] = [tools.openai_call(call)]
             finish = "tool_calls"
         choice = {"index": 0, "message": message, "logprobs": None}
         choice["finish_reason"] = finish
@@ -428,39 +497,45 @@ class _Shape:
 def _send_stream(
     stream: _Pieces, req: GenerationRequest, client: Client, shape: _Shape
 ) -> None:
-    """Send the generation as events; a tool call goes out whole at the end."""
+    """Send the generation as events, one per text piece."""
     client.start_events()
     chat = shape.kind == "chat"
     if chat:
         client.send_event(shape.chunk({"role": "assistant", "content": ""}, None))
     elif shape.echo:
         client.send_event(shape.chunk(shape.echo, None))
-
-    # With tools, the answer is a call if it starts with "{": hold text back
-    # until its first visible character says which.
-    held = "" if shape.plan.active else None
     for piece in stream:
-        if held is not None:
-            held += piece
-            if not held.strip():
-                continue
-            if held.lstrip().startswith("{"):
-                held += "".join(stream)
-                break
-            piece, held = held, None
         client.send_event(shape.chunk({"content": piece} if chat else piece, None))
-
     result = stream.result
+    client.send_event(
+        shape.chunk({} if chat else "", FINISH_REASONS[result.finish_reason])
+    )
+    if req.include_usage:
+        client.send_event(shape.usage_chunk(result))
+    client.send_event("[DONE]")
+
+
+def _send_tool_stream(
+    result: Generation,
+    call: ToolCall | None,
+    req: GenerationRequest,
+    client: Client,
+    shape: _Shape,
+) -> None:
+    """Send a finished tool-call generation as events: the call or text in one."""
+    # TODO: stream a plain answer piece by piece; Model.tool_call does not stream.
+    client.start_events()
+    client.send_event(shape.chunk({"role": "assistant", "content": ""}, None))
     finish = FINISH_REASONS[result.finish_reason]
-    if held is not None:
-        call = tools.parse_call(held, shape.plan)
-        if call is not None:
-            delta = {"tool_calls": [{"index": 0, **call}]}
-            finish = "tool_calls"
-        else:
-            delta = {"content": held}
-        client.send_event(shape.chunk(delta, None))
-    client.send_event(shape.chunk({} if chat else "", finish))
+    if call is not None:
+        delta: dict[str, Any] = {
+            "tool_calls": [{"index": 0, **tools.openai_call(call)}]
+        }
+        finish = "tool_calls"
+    else:
+        delta = {"content": result.text}
+    client.send_event(shape.chunk(delta, None))
+    client.send_event(shape.chunk({}, finish))
     if req.include_usage:
         client.send_event(shape.usage_chunk(result))
     client.send_event("[DONE]")

@@ -8,10 +8,16 @@ library costs no dependency at all.
 
 What this module guards against, since http.server itself does not:
 - bodies: `Content-Length` is required and capped (413 above `max_body_bytes`,
-  before reading a byte of it); JSON must be strict (no NaN) and a JSON object;
+  decided from the header; a refused body up to 16 MiB is then read and
+  dropped so that the client sees the answer, a larger one closes the
+  connection); JSON must be strict (no NaN) and a JSON object;
 - slow or idle clients: every socket has a timeout;
 - connection floods: at most `max_connections` handler threads, then a 503;
 - every error, including malformed request lines, is an OpenAI error object.
+- `Expect: 100-continue`: a body over the limit is refused before the client
+  is told to send it.
+
+Not yet: TLS and CORS (put a reverse proxy in front).
 """
 
 from __future__ import annotations
@@ -108,7 +114,11 @@ class Server(ThreadingHTTPServer):
             )
             try:
                 request.sendall(head.encode() + body)
-            except OSError:
+                # Read what the client has sent so far: closing a socket with
+                # unread data resets it, and a reset can lose the answer.
+                while request.recv(65536, socket.MSG_DONTWAIT):
+                    pass
+            except OSError:  # nothing more to read now (or the client left)
                 pass
             self.shutdown_request(request)
             return
@@ -126,10 +136,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = f"edgeslm/{__version__}"
-    sys_version = ""
     disable_nagle_algorithm = True  # every event goes out at once
     timeout = SOCKET_TIMEOUT
     server: Server
+
+    def version_string(self) -> str:
+        return self.server_version
 
     # --- dispatch -----------------------------------------------------------------
 
@@ -201,6 +213,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(getattr(app, name)())
         else:
             getattr(app, name)(self._read_json(), self)
+
+    def handle_expect_100(self) -> bool:
+        """Tell the client to send its body, unless the body is too large."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.max_body_bytes:
+            self._events = self._dead = False
+            self.close_connection = True  # the body will not be read
+            self._send_error_object(
+                APIError(
+                    413,
+                    f"request body of {length} bytes is larger than this server's "
+                    f"limit of {self.server.max_body_bytes} (--max-body-kib)",
+                    code="body_too_large",
+                )
+            )
+            return False
+        return super().handle_expect_100()
 
     def _authorize(self) -> None:
         key = self.server.api_key
@@ -348,6 +377,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Errors found by http.server itself (bad request line, huge headers)."""
         self._events = self._dead = False
         self.close_connection = True
+        # A request line too broken to name a version leaves http.server at
+        # HTTP/0.9, which has no status line or headers: answer as HTTP/1.1.
+        self.request_version = self.protocol_version
         text = message or self.responses.get(code, ("error",))[0]
         self._send_error_object(APIError(code, text, code="bad_request"))
 

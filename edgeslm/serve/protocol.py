@@ -21,6 +21,7 @@ Nothing here touches HTTP or the model: the server module does both.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -263,7 +264,12 @@ def check_fields(body: Any, fields: Mapping[str, Check]) -> dict[str, Any]:
     unknown = [k for k in body if k not in fields]
     if unknown:
         name = unknown[0]
-        hint = HINTS.get(name, "see docs/SERVER.md for the fields this server accepts")
+        close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.75)
+        hint = HINTS.get(name) or (
+            f"did you mean {close[0]}?"
+            if close
+            else "see docs/SERVER.md for the fields this server accepts"
+        )
         raise bad(name, f"unknown field ({hint})", "unknown_field")
     checked = {}
     for name, value in body.items():
