@@ -90,9 +90,17 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--block-size",
         type=int,
-        default=16,
+        default=32,
         choices=(16, 32, 64, 128),
-        help="int8 block length: smaller is more faithful (default: 16)",
+        help="int8 block length: smaller is more faithful, larger is smaller and "
+        "faster (default: 32)",
+    )
+    exp.add_argument(
+        "--smooth",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="int8 activation smoothing strength in [0, 1], 0 = off (default: 0.5)",
     )
     exp.add_argument("--force", action="store_true", help="replace an existing package")
     exp.set_defaults(func=_cmd_export)
@@ -318,6 +326,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         overwrite=args.force,
         block_size=args.block_size,
+        smooth=args.smooth,
     )
     print(f"wrote {out}")
     return 0

@@ -4,6 +4,14 @@ A model package is a folder holding `model.onnx`, `tokenizer.json` and this mani
 The manifest makes the package self-describing (architecture, dimensions, special
 tokens, chat template, quantization, source) and verifiable: it records the sha256 of
 every file, and `Manifest.verify` checks them at load.
+
+Hashing a 150 MB package takes longer than loading it, so a load may reuse an earlier
+check: after a file has been hashed and found good, its size, modification time and
+inode are recorded in the user cache (`verified/` beside the exported packages), and
+a later load with `reuse_checks=True` hashes only files whose record differs. Any
+rewrite changes the modification time, so it is rehashed; only a change that keeps
+all three (an in-place edit whose timestamp was set back, or bit rot) waits for a
+full check: `edgeslm info`, or `Manifest.verify` with `reuse_checks=False`.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,12 +159,20 @@ class Manifest:
 
     # --- integrity ------------------------------------------------------------------
 
-    def verify(self, package: Path) -> None:
+    def verify(self, package: Path, *, reuse_checks: bool = False) -> None:
         """Check every listed file exists and matches its sha256.
+
+        Args:
+            package: the package folder.
+            reuse_checks: skip hashing a file whose size, modification time and
+                inode are those recorded when it last passed (see the module
+                docstring); a full check records them.
 
         Raises:
             PackageIntegrityError: naming the first file that is missing or differs.
         """
+        stamps = _read_stamps(package) if reuse_checks else {}
+        fresh: dict[str, list[int | str]] = {}
         for name, expected in self.files.items():
             path = Path(package) / name
             if not path.is_file():
@@ -163,6 +180,10 @@ class Manifest:
                     f"{package}: file {name} listed in the manifest is missing; "
                     "re-export the package"
                 )
+            stamp = [*_stat_key(path), expected]
+            if stamps.get(name) == stamp:
+                fresh[name] = stamp
+                continue
             actual = sha256_file(path)
             if actual != expected:
                 raise PackageIntegrityError(
@@ -170,6 +191,43 @@ class Manifest:
                     f"{actual[:12]}…); the file is corrupted or was changed; re-export "
                     "the package"
                 )
+            fresh[name] = stamp
+        if fresh != stamps:
+            _write_stamps(package, fresh)
+
+
+def _stat_key(path: Path) -> list[int]:
+    """What identifies a file's content without reading it: size, mtime, inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _stamp_file(package: Path) -> Path:
+    from edgeslm.hub import cache_dir  # hub imports this module
+
+    key = hashlib.sha256(str(Path(package).resolve()).encode()).hexdigest()[:20]
+    return cache_dir() / "verified" / f"{key}.json"
+
+
+def _read_stamps(package: Path) -> dict[str, list[int | str]]:
+    try:
+        data = json.loads(_stamp_file(package).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_stamps(package: Path, stamps: dict[str, list[int | str]]) -> None:
+    """Record passed files; a cache that cannot be written only costs a rehash."""
+    target = _stamp_file(package)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(stamps))
+        tmp.replace(target)
+    except OSError as exc:
+        log.debug("could not record the verified files of %s: %s", package, exc)
+        tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -56,7 +56,9 @@ class Model:
         package: folder made by `edgeslm export`.
         n_threads: onnxruntime intra-op threads (default: all cores).
         n_ctx: tokens the KV cache holds (default: the model's, at most 4096).
-        verify: check every file's sha256 against the manifest first.
+        verify: check every file's sha256 against the manifest first; a file
+            that passed before and has not changed since (size, modification time,
+            inode) is not hashed again (see `Manifest.verify`).
 
     Raises:
         ModelFormatError: not a package, or made for a graph this version can't run.
@@ -80,7 +82,7 @@ class Model:
                 f"edgeslm (supports {SUPPORTED_GRAPHS}); re-export the model"
             )
         if verify:
-            self.manifest.verify(self.path)
+            self.manifest.verify(self.path, reuse_checks=True)
         self.config = self.manifest.config
         self.tokenizer = Tokenizer.from_file(self.path / "tokenizer.json")
         self.chat_template = ChatTemplate(

@@ -3,12 +3,19 @@
 - fp32 export: identical greedy continuations to transformers loading the same file
   (`gguf_file=`), fed the same token ids (transformers' GGUF tokenizer misses the
   `smollm` digit split, see test_tokenizer.py, so ids come from edgeslm's tokenizer).
-- int8 export: next-token top-1 agreement with the fp32 package over a few hundred
-  positions of chat text, at least 98%.
+- int8 export (the default: smoothed, blocks of 32) and int4 export (the GGUF's own
+  Q4_1 blocks): next-token top-1 agreement with the fp32 package over about 1,100
+  positions of chat text written for this test, reported, and at least 97%. The
+  fp32 reference is the dequantized Q4_1 file itself, so int4 differs from it only
+  by the int8 rounding of activations, int8 also by requantizing the weights.
+  (Over the first 397 of these positions, the default of an earlier release, int8
+  in blocks of 16, reached 98.2%; over all of them it reaches 97.7%, as llama.cpp's
+  Q8_0 does about 96%: see docs/BENCHMARKS.md.)
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import smollm2_gguf
@@ -56,6 +63,82 @@ TRANSCRIPTS = [
         ("assistant", "The hallway lamp is off now; the kitchen light stays on."),
     ],
     [
+        ("user", "Can you help me plan a three-day trip to Lisbon?"),
+        (
+            "assistant",
+            "Of course. Day one: walk through Alfama, ride tram 28 and watch the "
+            "sunset from a viewpoint. Day two: take the train to Sintra for the "
+            "palaces and gardens. Day three: visit Belém, try the custard tarts and "
+            "end with dinner by the river.",
+        ),
+        ("user", "Is it easy to get around without a car?"),
+        (
+            "assistant",
+            "Yes. The metro, trams and buses cover the city, and a rechargeable "
+            "card works on all of them. Bring comfortable shoes: the hills are steep.",
+        ),
+    ],
+    [
+        ("system", "You answer questions about cooking briefly."),
+        ("user", "My bread always comes out flat. What am I doing wrong?"),
+        (
+            "assistant",
+            "Flat bread usually means the dough rose too long or too little. Check "
+            "that your yeast is fresh, knead until the dough is smooth and springy, "
+            "and bake it as soon as it has doubled in size.",
+        ),
+        ("user", "And how hot should the oven be?"),
+        ("assistant", "Around 220 °C for a crusty loaf, with a tray of water below."),
+    ],
+    [
+        ("user", "What is the difference between weather and climate?"),
+        (
+            "assistant",
+            "Weather is what the atmosphere does over hours or days: rain today, "
+            "sunshine tomorrow. Climate is the pattern of weather over decades, such "
+            "as how warm a region's summers usually are.",
+        ),
+        ("user", "So one cold winter does not disprove warming?"),
+        (
+            "assistant",
+            "Right. A single season is weather; warming shows up in long-term "
+            "averages across the whole planet.",
+        ),
+    ],
+    [
+        ("user", "Remind me to call the dentist tomorrow at nine."),
+        (
+            "assistant",
+            "I have set a reminder for tomorrow at 9:00: call the dentist. Do you "
+            "want a second reminder ten minutes before?",
+        ),
+        ("user", "No thanks. What's on my calendar after that?"),
+        (
+            "assistant",
+            "At 10:30 you have a video call with the design team, and lunch with "
+            "Sam at 12:45.",
+        ),
+    ],
+    [
+        ("user", "Write a short poem about a cat watching the rain."),
+        (
+            "assistant",
+            "Behind the glass the grey cat sits,\nand counts the drops that race "
+            "and split;\nshe flicks her tail at every stream,\nand half asleep, "
+            "she starts to dream.",
+        ),
+    ],
+    [
+        ("user", "How many minutes are there in a week?"),
+        (
+            "assistant",
+            "A week has 7 days of 24 hours, and each hour has 60 minutes, so "
+            "7 × 24 × 60 = 10,080 minutes.",
+        ),
+        ("user", "And seconds?"),
+        ("assistant", "Multiply by 60 again: 604,800 seconds."),
+    ],
+    [
         ("user", "Explain in two sentences why the sky is blue."),
         (
             "assistant",
@@ -74,7 +157,8 @@ def packages(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     fp32 = export_model(gguf_path, root / "fp32", dtype="fp32")
     int8 = export_model(gguf_path, root / "int8", dtype="int8")
-    return gguf_path, fp32, int8
+    int4 = export_model(gguf_path, root / "int4", dtype="int4")
+    return gguf_path, fp32, int8, int4
 
 
 @pytest.fixture(scope="module")
@@ -107,20 +191,60 @@ def test_fp32_greedy_matches_transformers(packages, oracle):
         assert got.tokens == expected, question
 
 
-def test_int8_top1_agreement_with_fp32(packages, report):
+@pytest.fixture(scope="module")
+def reference_choices(packages) -> list[tuple[list[int], list[int]]]:
+    """Each transcript's token ids and fp32's top-1 next token at every position."""
     fp32 = edgeslm.load(packages[1], n_threads=2)
-    int8 = edgeslm.load(packages[2], n_threads=2)
-    agree = total = 0
+    choices = []
     for transcript in TRANSCRIPTS:
         messages = [{"role": r, "content": c} for r, c in transcript]
         ids = fp32.tokenize(fp32.chat_template.render(messages), add_bos=False)
         fp32.reset()
-        int8.reset()
-        for token in ids:
-            expected = int(fp32.forward([token]).argmax())
-            agree += int(int(int8.forward([token]).argmax()) == expected)
+        choices.append((ids, [int(fp32.forward([t]).argmax()) for t in ids]))
+    return choices
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_quantized_top1_agreement_with_fp32(
+    packages, reference_choices, variant, report
+):
+    model = edgeslm.load(packages[2 if variant == "int8" else 3], n_threads=2)
+    agree = total = 0
+    for ids, expected in reference_choices:
+        model.reset()
+        for token, want in zip(ids, expected, strict=True):
+            agree += int(int(model.forward([token]).argmax()) == want)
             total += 1
     rate = agree / total
-    report(f"SmolLM2 int8 vs fp32 next-token top-1 agreement: {rate:.2%} of {total}")
-    assert total >= 300
-    assert rate >= 0.98
+    report(
+        f"SmolLM2 {variant} vs fp32 next-token top-1 agreement: {rate:.2%} of {total}"
+    )
+    assert total >= 1000
+    assert rate >= 0.97
+
+
+def test_int4_package_holds_the_gguf_blocks(packages):
+    # The weights the int4 graph computes with, rebuilt from its initializers
+    # (4-bit values, scales, centred zero points, residual minimums), are the fp32
+    # package's weights: the file's Q4_1 blocks, carried over.
+    import onnx
+    from onnx import numpy_helper
+
+    def initializers(package):
+        model = onnx.load(str(package / "model.onnx"))
+        return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    int4, fp32 = initializers(packages[3]), initializers(packages[1])
+    for name in ("layers.0.qkv", "layers.7.w_down"):
+        packed = int4[f"{name}.qweight4"]  # (N, n_blocks, 16)
+        n, n_blocks, _ = packed.shape
+        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, n_blocks, 32)
+        scales = int4[f"{name}.scales"].reshape(n, n_blocks)
+        zp_bytes = int4[f"{name}.zero_points"].reshape(n, -1)
+        zp = np.stack([zp_bytes & 15, zp_bytes >> 4], axis=-1).reshape(n, -1)
+        residual = int4[f"{name}.residual_mins"].T  # (N, n_blocks)
+        centred = q.astype(np.float32) - zp[:, :n_blocks, None]
+        blocks = centred * scales[:, :, None]
+        weight = (blocks + residual[:, :, None]).reshape(n, -1)
+        expected = fp32[f"{name}.weight"].T
+        np.testing.assert_allclose(weight, expected, rtol=0, atol=1e-6)

@@ -35,6 +35,7 @@ import numpy as np
 
 from edgeslm.config import ModelConfig
 from edgeslm.errors import ModelFormatError, ModelNotFoundError
+from edgeslm.export.quantize import Int4Blocks
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class Checkpoint:
         load: returns one tensor as float32 `(out, in)`, read on demand.
         write_tokenizer: writes `tokenizer.json` into a folder, returns its info.
         source: where it came from (`kind`, `path`), recorded in the manifest.
+        load_int4: the tensor's 4-bit blocks when the source stores it that way
+            (GGUF Q4_0/Q4_1), else None; int4 exports carry such blocks over.
     """
 
     config: ModelConfig
@@ -56,6 +59,7 @@ class Checkpoint:
     load: Callable[[str], np.ndarray]
     write_tokenizer: Callable[[Path], Any]
     source: dict[str, str]
+    load_int4: Callable[[str], Int4Blocks | None] = lambda name: None
 
 
 def open_checkpoint(src: str | Path) -> Checkpoint:

@@ -3,7 +3,8 @@
 Tensors are dequantized to float32 with the `gguf` package, one at a time. llama.cpp's
 converter permutes the rows of the query and key projections so that its RoPE can
 rotate interleaved pairs; edgeslm's graph uses the Hugging Face (rotate-half) layout,
-so the permutation is undone here.
+so the permutation is undone here. Q4_0 and Q4_1 tensors can also be read as their
+4-bit blocks (`load_int4`), which int4 packages carry over unchanged.
 
 Not yet: architectures other than `llama` (SmolLM2 and Llama-68M are both `llama`).
 """
@@ -20,6 +21,7 @@ import numpy as np
 from edgeslm.config import ModelConfig
 from edgeslm.errors import ModelFormatError
 from edgeslm.export.checkpoint import Checkpoint
+from edgeslm.export.quantize import INT4_BLOCK_SIZE, Int4Blocks
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +71,14 @@ def open_gguf(path: Path) -> Checkpoint:
     def load(name: str) -> np.ndarray:
         return _dequantize(tensors[name], name, config, path)
 
+    def load_int4(name: str) -> Int4Blocks | None:
+        return _int4_blocks(tensors[name], name, config, path)
+
     return Checkpoint(
         config=config,
         names=sorted(tensors),
         load=load,
+        load_int4=load_int4,
         write_tokenizer=lambda out: _write_tokenizer(reader, out),
         source={"kind": "gguf", "path": str(path.resolve())},
     )
@@ -160,6 +166,55 @@ def _dequantize(tensor: Any, name: str, config: ModelConfig, path: Path) -> np.n
     elif name.endswith(".wk"):
         weights = unpermute_rope_rows(weights, config.n_kv_heads)
     return weights
+
+
+def _int4_blocks(
+    tensor: Any, name: str, config: ModelConfig, path: Path
+) -> Int4Blocks | None:
+    """The 4-bit blocks of a Q4_0 or Q4_1 tensor as they are stored; None otherwise.
+
+    Q4_1 block (20 bytes): fp16 scale d, fp16 minimum m, 16 bytes of nibbles, value
+    j in the low nibble of byte j and value j + 16 in its high nibble; w = d*q + m.
+    Q4_0 block (18 bytes): fp16 d and the nibbles; w = d*(q - 8).
+    """
+    import gguf
+
+    kind = tensor.tensor_type
+    if kind not in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
+        return None
+    n_out, k = (int(d) for d in reversed(tensor.shape))
+    has_min = kind == gguf.GGMLQuantizationType.Q4_1
+    block_bytes = 20 if has_min else 18
+    try:
+        raw = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, block_bytes)
+    except ValueError as exc:
+        raise ModelFormatError(f"{path}: tensor {tensor.name} is truncated") from exc
+    if raw.shape[0] * INT4_BLOCK_SIZE != n_out * k:
+        raise ModelFormatError(
+            f"{path}: tensor {tensor.name} holds {raw.shape[0]} blocks, "
+            f"expected {n_out * k // INT4_BLOCK_SIZE}"
+        )
+
+    # Per block: scales (and minimums) from fp16, then the 32 nibbles in order.
+    scales = raw[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+    if has_min:
+        mins = raw[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
+    else:
+        mins = -8.0 * scales
+    nibbles = raw[:, block_bytes - 16 :]
+    q = np.concatenate([nibbles & 15, nibbles >> 4], axis=1)  # (n_blocks_total, 32)
+
+    n_blocks = k // INT4_BLOCK_SIZE
+    q = q.reshape(n_out, n_blocks, INT4_BLOCK_SIZE)
+    scales = scales.reshape(n_out, n_blocks)
+    mins = mins.reshape(n_out, n_blocks)
+    # The same row permutation as `_dequantize` undoes, applied to whole rows.
+    heads = {"wq": config.n_heads, "wk": config.n_kv_heads}.get(name.split(".")[-1])
+    if heads is not None:
+        q = unpermute_rope_rows(q.reshape(n_out, -1), heads).reshape(q.shape)
+        scales = unpermute_rope_rows(scales, heads)
+        mins = unpermute_rope_rows(mins, heads)
+    return Int4Blocks(q=q, scales=scales, mins=mins, k=k)
 
 
 def unpermute_rope_rows(weights: np.ndarray, n_heads: int) -> np.ndarray:

@@ -33,7 +33,12 @@ from edgeslm.export.onnx_graph import (
     MS_DOMAIN,
     GraphBuilder,
 )
-from edgeslm.export.quantize import INT8_ZERO_POINT, quantize_int8_blocks
+from edgeslm.export.quantize import (
+    INT8_ZERO_POINT,
+    Int4Blocks,
+    concat_int4,
+    quantize_int8_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,9 @@ def build_llama(
 
     Args:
         ckpt: an opened checkpoint (config + lazy tensors).
-        dtype: "int8" (block-wise int8 weights) or "fp32".
+        dtype: "int8" (block-wise int8 weights), "int4" (4-bit blocks of 32, a GGUF
+            source's Q4_0/Q4_1 blocks carried over; int8 embedding and head) or
+            "fp32".
         progress: called as `progress(done, total, what)` after each block.
         block_size: int8 block length along the input dimension.
         head_block_size: block length of the embedding table and the output
@@ -164,9 +171,7 @@ def _block(b: GraphBuilder, ckpt: Checkpoint, layer: int, x: str, residual: str 
         )
 
     # One packed QKV projection feeds GroupQueryAttention (RoPE inside).
-    wqkv = np.concatenate(
-        [ckpt.load(f"{p}.wq"), ckpt.load(f"{p}.wk"), ckpt.load(f"{p}.wv")], axis=0
-    )
+    wqkv = _weights(b, ckpt, f"{p}.wq", f"{p}.wk", f"{p}.wv")
     qkv = b.linear(h, wqkv, f"{p}.qkv")
     cos, sin = _rope_tables(b, cfg)
     attn = b.node(
@@ -190,18 +195,33 @@ def _block(b: GraphBuilder, ckpt: Checkpoint, layer: int, x: str, residual: str 
         do_rotary=1,
         rotary_interleaved=0,
     )[0]
-    o = b.linear(attn, ckpt.load(f"{p}.wo"), f"{p}.wo")
+    o = b.linear(attn, _weights(b, ckpt, f"{p}.wo"), f"{p}.wo")
 
     # Feed-forward: packed gate+up projection, SiLU(gate) * up, down projection.
     h, residual = _skip_rms_norm(
         b, o, residual, ckpt.load(f"{p}.ffn_norm"), f"{p}.ffn_norm", cfg.norm_eps
     )
-    wgu = np.concatenate([ckpt.load(f"{p}.w_gate"), ckpt.load(f"{p}.w_up")], axis=0)
+    wgu = _weights(b, ckpt, f"{p}.w_gate", f"{p}.w_up")
     gate_up = b.linear(h, wgu, f"{p}.gate_up")
     gate, up = b.node("Split", [gate_up], 2, name=f"{p}.split", axis=-1, num_outputs=2)
     silu = b.op("Mul", gate, b.op("Sigmoid", gate))
-    down = b.linear(b.op("Mul", silu, up), ckpt.load(f"{p}.w_down"), f"{p}.w_down")
+    w_down = _weights(b, ckpt, f"{p}.w_down")
+    down = b.linear(b.op("Mul", silu, up), w_down, f"{p}.w_down")
     return down, residual
+
+
+def _weights(b: GraphBuilder, ckpt: Checkpoint, *names: str) -> np.ndarray | Int4Blocks:
+    """The named `(N, K)` weights stacked along N (packed QKV, gate + up).
+
+    For int4, the source's own 4-bit blocks when it has them for every name, so
+    they carry over exactly; otherwise float weights, quantized by `b.linear`.
+    """
+    if b.dtype == "int4":
+        blocks = [ckpt.load_int4(name) for name in names]
+        if all(block is not None for block in blocks):
+            return concat_int4(blocks) if len(blocks) > 1 else blocks[0]
+    weights = [ckpt.load(name) for name in names]
+    return np.concatenate(weights, axis=0) if len(weights) > 1 else weights[0]
 
 
 def _rope_tables(b: GraphBuilder, cfg: ModelConfig) -> tuple[str, str]:
@@ -223,7 +243,7 @@ def _lm_head(
 ) -> None:
     cfg = ckpt.config
     tied = cfg.tie_word_embeddings and "lm_head" not in ckpt.names
-    if b.dtype == "int8" and tied:
+    if b.quantized and tied:
         b.node(
             "MatMulNBits",
             [x, "embed.qweight", "embed.scales"],
@@ -241,7 +261,7 @@ def _lm_head(
             "Gemm", [x, "embed.weight"], outputs=["logits"], name="lm_head", transB=1
         )
     else:
-        if b.dtype == "int8":
+        if b.quantized:
             q = quantize_int8_blocks(ckpt.load("lm_head"), block_size)
             out = b.linear_q(x, q, "lm_head")
         else:
