@@ -6,6 +6,9 @@ that imports `llama_cpp` is meant to run inside a worker subprocess
 (`_worker.py`), never in the orchestrating process, so that the peer's memory
 never mixes with edgeslm's.
 
+`first_token_script` is the source of the `python -c` that the harness times
+from process start to the first token.
+
 Not done here: GPU offload, batched generation, llama.cpp's own sampler chain
 (greedy argmax is done in numpy on the logits it returns, as edgeslm does).
 """
@@ -22,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _fidelity import run_fidelity
 
 log = logging.getLogger("bench.peers")
 
@@ -185,6 +190,53 @@ def measure(spec: dict[str, Any], rss_mb: Callable[[], float]) -> dict[str, Any]
         },
     )
     return run
+
+
+def fidelity(spec: dict[str, Any]) -> dict[str, Any]:
+    """Greedy tokens per prompt and top-1 along forced sequences (`_fidelity`)."""
+    import llama_cpp
+
+    threads = int(spec["threads"])
+    llm = llama_cpp.Llama(
+        spec["model"],
+        n_ctx=int(spec["n_ctx"]),
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    n_vocab = llm.n_vocab()
+
+    def greedy(ids: list[int], n: int) -> list[int]:
+        return _generate(llm, ids, n - 1)["tokens"]
+
+    def forced(seq: list[int]) -> list[int]:
+        llm.reset()
+        out = []
+        for t in seq:
+            llm.eval([t])
+            out.append(_greedy(llama_cpp.llama_get_logits_ith(llm.ctx, -1), n_vocab))
+        return out
+
+    return run_fidelity(spec, greedy, forced)
+
+
+def first_token_script(spec: dict[str, Any]) -> str:
+    """A `python -c` program: import llama_cpp, load the GGUF, print token one."""
+    n = int(spec["threads"])
+    return (
+        "import json, time\n"
+        "import llama_cpp, numpy as np\n"
+        "t0 = time.perf_counter()\n"
+        f"llm = llama_cpp.Llama({spec['model']!r}, n_ctx={int(spec['n_ctx'])}, "
+        f"n_batch=512, n_threads={n}, n_threads_batch={n}, verbose=False)\n"
+        "load_s = time.perf_counter() - t0\n"
+        f"llm.eval({list(spec['prompt_ids'])!r})\n"
+        "row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), "
+        "shape=(llm.n_vocab(),))\n"
+        "print('FIRST ' + json.dumps({'token': int(row.argmax()), "
+        "'load_s': load_s}), flush=True)\n"
+    )
 
 
 def environment() -> dict[str, Any]:

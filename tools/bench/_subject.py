@@ -1,8 +1,9 @@
 """The system under test: export an edgeslm package and time one generation.
 
-Like `_peers.py`, everything here imports edgeslm lazily and is meant to run in a
-worker subprocess (`_worker.py`), so that each measurement has its own process
-and its own peak RSS.
+Like the peers' modules, everything here imports edgeslm lazily and is meant to
+run in a worker subprocess (`_worker.py`), so that each measurement has its own
+process and its own peak RSS. `first_token_script` is the source of the
+`python -c` that the harness times from process start to the first token.
 
 Not done here: chat templates, sampling other than greedy, streaming.
 """
@@ -13,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _fidelity import run_fidelity
 
 
 def export_package(src: Path, dst: Path, dtype: str) -> dict[str, Any]:
@@ -37,6 +40,14 @@ def import_runtime() -> None:
     import onnxruntime  # noqa: F401
 
     import edgeslm.model  # noqa: F401
+
+
+def _load(spec: dict[str, Any]) -> Any:
+    import edgeslm
+
+    return edgeslm.load(
+        spec["model"], n_threads=int(spec["threads"]), n_ctx=int(spec["n_ctx"])
+    )
 
 
 def _generate(model: Any, prompt_ids: list[int], n_decode: int) -> dict[str, Any]:
@@ -74,12 +85,8 @@ def measure(spec: dict[str, Any], rss_mb: Callable[[], float]) -> dict[str, Any]
 
     `spec` and `rss_mb` as in `_peers.measure`; `model` is the package folder.
     """
-    import edgeslm
-
     t0 = time.perf_counter()
-    model = edgeslm.load(
-        spec["model"], n_threads=int(spec["threads"]), n_ctx=int(spec["n_ctx"])
-    )
+    model = _load(spec)
     load_s = time.perf_counter() - t0
 
     # Warm-up on a different prompt, then forget its cache (llama.cpp does too).
@@ -88,6 +95,40 @@ def measure(spec: dict[str, Any], rss_mb: Callable[[], float]) -> dict[str, Any]
     run = _generate(model, spec["prompt_ids"], int(spec["n_decode"]))
     run.update(load_s=load_s, end_rss_mb=rss_mb())
     return run
+
+
+def fidelity(spec: dict[str, Any]) -> dict[str, Any]:
+    """Greedy tokens per prompt and top-1 along forced sequences (`_fidelity`).
+
+    The forced pass feeds one token per `Model.forward` call, since the graph
+    returns the logits of the last position only.
+    """
+    model = _load(spec)
+
+    def greedy(ids: list[int], n: int) -> list[int]:
+        model.reset()
+        gen = model.generate(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
+        return [int(t) for t in gen.tokens]
+
+    def forced(seq: list[int]) -> list[int]:
+        model.reset()
+        return [int(model.forward([t]).argmax()) for t in seq]
+
+    return run_fidelity(spec, greedy, forced)
+
+
+def first_token_script(spec: dict[str, Any]) -> str:
+    """A `python -c` program: import edgeslm, load the package, print token one."""
+    return (
+        "import edgeslm\n"
+        f"m = edgeslm.load({spec['model']!r}, n_threads={int(spec['threads'])}, "
+        f"n_ctx={int(spec['n_ctx'])})\n"
+        f"g = m.generate({list(spec['prompt_ids'])!r}, max_tokens=1, "
+        "temperature=0.0, ignore_eos=True)\n"
+        "import json\n"
+        "print('FIRST ' + json.dumps({'token': int(g.tokens[0]), "
+        "'load_s': m.load_seconds}), flush=True)\n"
+    )
 
 
 def environment() -> dict[str, Any]:
