@@ -9,7 +9,9 @@ except the GPT-2 family, whose chat format is DialoGPT's: each turn's text follo
 the end-of-text token, no roles, and the oldest turns dropped when the conversation
 outgrows the context (`fit_history`).
 
-Not yet: tool definitions passed to templates (the structured-output issue).
+Extra variables reach the template as keyword arguments of `render`: tool
+definitions go in as `tools=[...]` when `edgeslm/structured.py` finds that a template
+uses them (docs/STRUCTURED.md).
 """
 
 from __future__ import annotations
