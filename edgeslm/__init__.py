@@ -47,7 +47,9 @@ def load(
 
     Args:
         name_or_path: None for the default model (SmolLM2-135M-Instruct), a package
-            folder, a Hugging Face folder, a `.gguf` file, or a hub id.
+            folder, a Hugging Face folder, a `.gguf` file, a folder of ONNX
+            decoders in the Optimum layout, a name from `edgeslm models`, or a
+            hub id.
         n_threads: onnxruntime threads (default: all cores).
         n_ctx: context length the KV cache holds.
         dtype: "int8" or "fp32", used when an export is needed.
@@ -60,4 +62,8 @@ def load(
     from edgeslm.model import Model
 
     package = resolve_package(name_or_path, dtype=dtype)
+    if package.suffix == ".onnx":  # an Optimum / transformers.js decoder, as it is
+        from edgeslm.optimum_backend import OptimumModel
+
+        return OptimumModel(package, n_threads=n_threads, n_ctx=n_ctx)
     return Model(package, n_threads=n_threads, n_ctx=n_ctx, verify=verify)

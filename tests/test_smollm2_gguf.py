@@ -4,24 +4,33 @@
   (`gguf_file=`), fed the same token ids (transformers' GGUF tokenizer misses the
   `smollm` digit split, see test_tokenizer.py, so ids come from edgeslm's tokenizer).
 - int8 export (the default: smoothed, blocks of 32) and int4 export (the GGUF's own
-  Q4_1 blocks): next-token top-1 agreement with the fp32 package over about 1,100
-  positions of chat text written for this test, reported, and at least 97%. The
-  fp32 reference is the dequantized Q4_1 file itself, so int4 differs from it only
-  by the int8 rounding of activations, int8 also by requantizing the weights.
-  (Over the first 397 of these positions, the default of an earlier release, int8
-  in blocks of 16, reached 98.2%; over all of them it reaches 97.7%, as llama.cpp's
-  Q8_0 does about 96%: see docs/BENCHMARKS.md.)
+  Q4_1 blocks): next-token top-1 agreement with the fp32 package, teacher-forced, on
+  two chat texts, both reported. The public one is the start of the chat corpus of
+  `tools/fidelity.py` (chatterbot-corpus' English dialogues, about 1,250 positions);
+  int8 must agree at least 98% there (issue 2's bar; the whole corpus, 4,392
+  positions, gives 98.5%: docs/MODELS.md). The second is the conversations written
+  for this test (about 1,100 positions of human-written answers, with more near-ties
+  in fp32): int8 reaches 97.4% there, and the test holds it to at least 97%.
+  int4 is held to 97% on both. The fp32 reference is the dequantized Q4_1 file
+  itself, so int4 differs from it only by the int8 rounding of activations, int8
+  also by requantizing the weights.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 import torch
 from checkpoints import smollm2_gguf
+from conftest import REPO_ROOT
 
 import edgeslm
 from edgeslm.export import export_model
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import fidelity  # noqa: E402
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -191,16 +200,49 @@ def test_fp32_greedy_matches_transformers(packages, oracle):
         assert got.tokens == expected, question
 
 
+# Teacher-forced positions of the public chat text (tools/fidelity.py's corpus).
+CORPUS_POSITIONS = 1200
+# Lowest next-token agreement with fp32 accepted, per text and variant (see above).
+MIN_AGREEMENT = {
+    ("corpus", "int8"): 0.98,
+    ("written", "int8"): 0.97,
+    ("corpus", "int4"): 0.97,
+    ("written", "int4"): 0.97,
+}
+
+
+def chat_texts(model) -> dict[str, list[list[int]]]:
+    """Token ids of the two texts: the corpus' first conversations up to
+    CORPUS_POSITIONS, and this test's own conversations."""
+    corpus, n = [], 0
+    for messages in fidelity.transcripts(8):
+        if n >= CORPUS_POSITIONS:
+            break
+        corpus.append(
+            model.tokenize(model.chat_template.render(messages), add_bos=False)
+        )
+        n += len(corpus[-1])
+    written = [
+        model.tokenize(
+            model.chat_template.render([{"role": r, "content": c} for r, c in t]),
+            add_bos=False,
+        )
+        for t in TRANSCRIPTS
+    ]
+    return {"corpus": corpus, "written": written}
+
+
 @pytest.fixture(scope="module")
-def reference_choices(packages) -> list[tuple[list[int], list[int]]]:
-    """Each transcript's token ids and fp32's top-1 next token at every position."""
+def reference_choices(packages) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Per text, each conversation's token ids and fp32's top-1 next token at
+    every position."""
     fp32 = edgeslm.load(packages[1], n_threads=2)
-    choices = []
-    for transcript in TRANSCRIPTS:
-        messages = [{"role": r, "content": c} for r, c in transcript]
-        ids = fp32.tokenize(fp32.chat_template.render(messages), add_bos=False)
-        fp32.reset()
-        choices.append((ids, [int(fp32.forward([t]).argmax()) for t in ids]))
+    choices = {}
+    for text, conversations in chat_texts(fp32).items():
+        choices[text] = []
+        for ids in conversations:
+            fp32.reset()
+            choices[text].append((ids, [int(fp32.forward([t]).argmax()) for t in ids]))
     return choices
 
 
@@ -209,18 +251,22 @@ def test_quantized_top1_agreement_with_fp32(
     packages, reference_choices, variant, report
 ):
     model = edgeslm.load(packages[2 if variant == "int8" else 3], n_threads=2)
-    agree = total = 0
-    for ids, expected in reference_choices:
-        model.reset()
-        for token, want in zip(ids, expected, strict=True):
-            agree += int(int(model.forward([token]).argmax()) == want)
-            total += 1
-    rate = agree / total
-    report(
-        f"SmolLM2 {variant} vs fp32 next-token top-1 agreement: {rate:.2%} of {total}"
-    )
-    assert total >= 1000
-    assert rate >= 0.97
+    rates = {}
+    for text, conversations in reference_choices.items():
+        agree = total = 0
+        for ids, expected in conversations:
+            model.reset()
+            for token, want in zip(ids, expected, strict=True):
+                agree += int(int(model.forward([token]).argmax()) == want)
+                total += 1
+        rates[text] = agree / total
+        report(
+            f"SmolLM2 {variant} vs fp32 next-token top-1 agreement, {text} text: "
+            f"{rates[text]:.2%} of {total}"
+        )
+        assert total >= 1000
+    for text, rate in rates.items():
+        assert rate >= MIN_AGREEMENT[text, variant], (text, rate)
 
 
 def test_int4_package_holds_the_gguf_blocks(packages):
