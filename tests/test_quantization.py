@@ -146,3 +146,15 @@ def test_smoothing_is_recorded_and_only_for_int8(tiny_llama, tmp_path):
     assert Manifest.read(int4).quantization.startswith("int4-block32")
     with pytest.raises(ValueError, match="smooth must be in"):
         export_model(tiny_llama, tmp_path / "bad", smooth=1.5)
+
+
+def test_int8_block_length_must_divide_the_layers(tiny_llama, tmp_path):
+    # The tiny Llama's hidden size is 64: blocks of 128 cannot tile it, and the
+    # error names the size and the lengths that would.
+    with pytest.raises(ValueError, match=r"hidden_size \(64\).*\[16, 32, 64\]"):
+        export_model(tiny_llama, tmp_path / "b128", block_size=128)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        export_model(tiny_llama, tmp_path / "b24", block_size=24)
+    assert not (tmp_path / "b128").exists()
+    b64 = export_model(tiny_llama, tmp_path / "b64", block_size=64)
+    assert Manifest.read(b64).quantization.startswith("int8-block64")

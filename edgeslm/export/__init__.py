@@ -29,6 +29,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # in fidelity on SmolLM2 (KL from fp32 0.0031 against 0.0031 for unsmoothed 16),
 # and is about 10% smaller and faster; docs/BENCHMARKS.md has the measurements.
 DEFAULT_BLOCK_SIZE = 32
+BLOCK_SIZES = (16, 32, 64, 128)  # what onnxruntime's 8-bit MatMulNBits takes
 
 
 def export_model(
@@ -74,6 +75,7 @@ def export_model(
     started = time.perf_counter()
     ckpt = open_checkpoint(src)
     cfg = ckpt.config
+    _check_block_size(cfg, dtype, block_size)
     log.info(
         "exporting %s (%s, %d layers, hidden %d, vocab %d) as %s",
         src,
@@ -102,6 +104,29 @@ def export_model(
         raise
     log.info("package written to %s in %.1f s", out, time.perf_counter() - started)
     return out
+
+
+def _check_block_size(cfg, dtype: str, block_size: int) -> None:
+    """int8 blocks run along every linear layer's input, so their length must
+    divide the model's hidden and intermediate sizes.
+
+    Raises:
+        ValueError: an unknown block length, or one this model's sizes don't allow.
+    """
+    if dtype != "int8":
+        return
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    sizes = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size}
+    for name, size in sizes.items():
+        if size % block_size:
+            fitting = [
+                b for b in BLOCK_SIZES if all(s % b == 0 for s in sizes.values())
+            ]
+            raise ValueError(
+                f"int8 block length {block_size} does not divide this model's {name} "
+                f"({size}); use one of {fitting}"
+            )
 
 
 def _write_package(

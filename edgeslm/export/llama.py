@@ -127,9 +127,11 @@ def _embedding(b: GraphBuilder, ckpt: Checkpoint, block_size: int):
     )
     values = b.op("Mul", b.op("Sub", rows, zero), row_scales)
     shape = b.const("embed.shape", np.array([1, -1, weight.shape[1]], dtype=np.int64))
-    if q.data.shape[1] * block_size != weight.shape[1]:
-        # TODO: hidden sizes that are not a multiple of 32; none of ours needs it.
-        raise NotImplementedError("hidden_size must be a multiple of 32 for int8")
+    if q.data.shape[1] * block_size != weight.shape[1]:  # export_model checks first
+        raise ValueError(
+            f"hidden_size {weight.shape[1]} is not a multiple of the int8 block "
+            f"length {block_size}"
+        )
     return b.op("Reshape", values, shape), q
 
 
