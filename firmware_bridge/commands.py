@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,11 +194,33 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, time)
 
     def allow(self, device: str, now: float | None = None) -> bool:
+        """Take one token from `device`'s bucket; False (nothing taken) when empty."""
+        return self.take(Counter([device]), now) is None
+
+    def take(self, wanted: Counter[str], now: float | None = None) -> str | None:
+        """Take `wanted[device]` tokens from each bucket, all or none.
+
+        Args:
+            wanted: device -> how many commands of one request go to it.
+            now: monotonic seconds; the current time when None.
+
+        Returns:
+            None when every bucket had enough and the tokens were taken, else the
+            first device without enough (then no bucket was touched).
+        """
         now = time.monotonic() if now is None else now
+
+        # check every device first, so a refusal wastes no other device's tokens
+        tokens = {device: self._tokens(device, now) for device in wanted}
+        for device, n in wanted.items():
+            if tokens[device] < n:
+                return device
+
+        for device, n in wanted.items():
+            self._buckets[device] = (tokens[device] - n, now)
+        return None
+
+    def _tokens(self, device: str, now: float) -> float:
+        """The tokens in `device`'s bucket at `now`, refilled since it was last used."""
         tokens, last = self._buckets.get(device, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.per_second)
-        if tokens < 1.0:
-            self._buckets[device] = (tokens, now)
-            return False
-        self._buckets[device] = (tokens - 1.0, now)
-        return True
+        return min(float(self.burst), tokens + (now - last) * self.per_second)

@@ -8,14 +8,21 @@ to `hermes/intent/<intentName>` (`input`, `intent {intentName, confidenceScore}`
 
 Intent names become topics only when they are plain names (letters, digits, `_`);
 anything else is answered as not recognized.
+
+Idempotency: a query is keyed by its `id`; Rhasspy's dialogue manager sends none, so
+without one the key is its `sessionId` plus a digest of its `input`. A redelivered
+query is then carried out once, and a new query in the same session (continueSession)
+is carried out too; the same words twice in one session without `id` act once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
 from edgeslm.intent.result import IntentResult
+from firmware_bridge.commands import REQUEST_ID
 
 QUERY_TOPIC = "hermes/nlu/query"
 NOT_RECOGNIZED_TOPIC = "hermes/nlu/intentNotRecognized"
@@ -52,6 +59,33 @@ def parse_query(data: Any) -> dict[str, Any]:
     ):
         raise HermesError("'intentFilter' must be a list of intent names or null")
     return data
+
+
+def request_id(query: dict[str, Any]) -> str | None:
+    """The bridge's request id for a checked query: its idempotency key.
+
+    Args:
+        query: a query from `parse_query`.
+
+    Returns:
+        `hermes-<id>` when the query has an `id`; else, with a `sessionId`, an id
+        derived from the session and a digest of `input`, so that a redelivery maps
+        onto the same request and a new query in the session onto a new one. A key
+        that is not a plain request id (too long, other characters) is hashed. None
+        when the query has neither (then nothing can deduplicate it).
+    """
+    if query.get("id"):
+        key = query["id"]
+    elif query.get("sessionId"):
+        text = hashlib.sha256(query["input"].encode("utf-8")).hexdigest()[:16]
+        key = f"{query['sessionId']}-{text}"
+    else:
+        return None
+    plain = f"hermes-{key}"
+    if REQUEST_ID.fullmatch(plain):
+        return plain
+    # too long for a request id (a UUID session and a digest) or not plain: hash it
+    return "hermes-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
 def answer(query: dict[str, Any], result: IntentResult) -> tuple[str, dict[str, Any]]:

@@ -25,7 +25,7 @@ import re
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +33,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeslm.intent.registry import Registry, load_registry
 from edgeslm.intent.result import IntentResult
 from firmware_bridge import hermes
 from firmware_bridge.adapters import Outgoing, adapter_for, discovery_messages
 from firmware_bridge.commands import (
-    REQUEST_ID,
     CommandRejected,
     DeviceCommand,
     RateLimiter,
@@ -136,6 +136,7 @@ class Bridge:
         self._recognition: queue.Queue[_Pending | None] = queue.Queue()
         self._recognizing: set[str] = set()  # request ids on the recognizer thread
         self._recognizer: threading.Thread | None = None
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters
         self.client = self._make_client()
         # last: the layered recognizer may take a while to build (its classifier)
         self.recognize = recognizer or load_recognizer(config.recognizer, self.registry)
@@ -225,6 +226,7 @@ class Bridge:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -235,6 +237,11 @@ class Bridge:
 
     def _on_message(self, client, userdata, message) -> None:
         self.events.put(("message", message))
+
+    def _on_subscribe(
+        self, client, userdata, mid, reason_code_list, properties
+    ) -> None:
+        self.events.put(("subscribed", mid, reason_code_list))
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -375,6 +382,8 @@ class Bridge:
             self.connected.clear()
         elif kind == "submit":
             self._to_recognizer(event[1])
+        elif kind == "subscribed":
+            self._subscribed(event[1], event[2])
 
     def _connected(self, ok: bool, reason: str) -> None:
         if not ok:
@@ -388,7 +397,8 @@ class Bridge:
         if self.config.hermes.enabled:
             subscriptions.append((shared + hermes.QUERY_TOPIC, 1))
         subscriptions += [(topic, 1) for topic in sorted(self._state_topics)]
-        self.client.subscribe(subscriptions)
+        _, mid = self.client.subscribe(subscriptions)
+        self._subscribing = {mid: [topic for topic, _ in subscriptions]}
         self._publish(Outgoing(self.topics.availability, b"online", retain=True))
         for message in self._discovery():
             self._publish(message)
@@ -397,6 +407,23 @@ class Bridge:
         for request_id in self._store.unreplied():
             self._maybe_reply(request_id)
         log.info("connected to the broker (%s)", reason)
+
+    def _subscribed(self, mid: int, reason_codes: list[ReasonCode]) -> None:
+        """Log every topic filter the broker refused (SUBACK): the bridge would be
+        online but never hear what is published there."""
+        filters = self._subscribing.pop(mid, [])
+        for n, code in enumerate(reason_codes):
+            if not code.is_failure:
+                continue
+            topic = filters[n] if n < len(filters) else f"filter {n} of SUBSCRIBE {mid}"
+            log.error(
+                "the broker refused the subscription to %s (%s), so the bridge will "
+                "not hear it; check that the broker's ACL lets user %r subscribe to it "
+                "(docs/BRIDGE.md, Security)",
+                topic,
+                code,
+                self.config.broker.username,
+            )
 
     def _tick(self) -> None:
         """Expire, resend or fail commands in flight; start waiting ones."""
@@ -476,14 +503,30 @@ class Bridge:
                 _correlation(message),
             )
             return False
-        # the query's id makes a redelivered query run once; no usable id, no dedupe
-        qid = query.get("id") or query.get("sessionId")
-        request_id = f"hermes-{qid}"
-        if not qid or not REQUEST_ID.fullmatch(request_id):
-            request_id = f"hermes-{uuid.uuid4().hex[:16]}"
-        pending = _Pending(request_id, query["input"][:MAX_TEXT], None, None, {})
+        if len(query["input"]) > MAX_TEXT:
+            self._hermes_too_long(query, _correlation(message))
+            return False
+
+        # a redelivered query runs once; one with neither id nor sessionId every time
+        request_id = hermes.request_id(query) or f"hermes-{uuid.uuid4().hex[:16]}"
+        pending = _Pending(request_id, query["input"], None, None, {})
         pending.message, pending.hermes_query = message, query
         return self._to_recognizer(pending)
+
+    def _hermes_too_long(
+        self, query: dict[str, Any], correlation: bytes | None
+    ) -> None:
+        """Refuse an over-long query as the command topic does (`too_long`), and
+        answer it as not recognized so that a dialogue manager is not left waiting."""
+        topic, answer = hermes.answer(query, IntentResult(text="", intent=None))
+        self._publish(Outgoing(topic, json.dumps(answer).encode()))
+        self._error(
+            "too_long",
+            f"hermes/nlu/query: 'input' may be {MAX_TEXT} characters, "
+            f"got {len(query['input'])}",
+            None,
+            correlation,
+        )
 
     # --- recognition: on its own thread, in arrival order ----------------------------
 
@@ -580,34 +623,9 @@ class Bridge:
             return
         reply = {"id": request_id, "text": text, "intent": result.to_dict()}
         try:
-            commands = plan_commands(
-                self.registry,
-                result,
-                request_id,
-                self.config.delivery.command_ttl,
-                min_confidence=self.config.min_confidence,
-            )
-            for cmd in commands:
-                adapter = adapter_for(self.devices[cmd.device])
-                if cmd.action not in adapter.actions:
-                    raise CommandRejected(
-                        "action_not_allowed",
-                        f"the {adapter.name} adapter of {cmd.device!r} "
-                        f"cannot {cmd.action}",
-                    )
-            if not all(self.limiter.allow(cmd.device) for cmd in commands):
-                raise CommandRejected(
-                    "rate_limited", "too many commands for a device; wait"
-                )
+            commands = self._plan(request_id, result)
         except CommandRejected as exc:
-            status = "not_recognized" if exc.code == "not_recognized" else "rejected"
-            reply.update(status=status, error={"code": exc.code, "message": str(exc)})
-            self._store.add(
-                request_id, text, reply_topic, correlation, [], status, reply
-            )
-            self._store.close_request(request_id, status, reply)
-            self._publish_reply(reply, reply_topic, correlation)
-            self._error(exc.code, str(exc), request_id, correlation)
+            self._refuse(exc, reply, reply_topic, correlation)
             return
         reply["commands"] = [c.to_dict() for c in commands]
         if self.config.dry_run:
@@ -619,6 +637,65 @@ class Bridge:
         for cmd in commands:
             self._waiting.setdefault(cmd.device, deque()).append(cmd)
             self._dispatch(cmd.device)
+
+    def _plan(self, request_id: str, result: IntentResult) -> list[DeviceCommand]:
+        """A recognized request's commands, checked against the registry, the
+        adapters and the rate limits.
+
+        Raises:
+            CommandRejected: the code and message say why; a `rate_limited` refusal
+                has taken no device's tokens.
+        """
+        commands = plan_commands(
+            self.registry,
+            result,
+            request_id,
+            self.config.delivery.command_ttl,
+            min_confidence=self.config.min_confidence,
+        )
+        for cmd in commands:
+            adapter = adapter_for(self.devices[cmd.device])
+            if cmd.action not in adapter.actions:
+                raise CommandRejected(
+                    "action_not_allowed",
+                    f"the {adapter.name} adapter of {cmd.device!r} cannot {cmd.action}",
+                )
+
+        # all devices or none: a refusal must not use up the others' tokens
+        refused = self.limiter.take(Counter(cmd.device for cmd in commands))
+        if refused is not None:
+            limit = self.config.rate_limit
+            raise CommandRejected(
+                "rate_limited",
+                f"too many commands for {refused!r} (at most {limit.burst} at once, "
+                f"{limit.per_second:g} a second); wait, then send the request again "
+                "(the same id is fine: this refusal is not remembered)",
+            )
+        return commands
+
+    def _refuse(
+        self,
+        exc: CommandRejected,
+        reply: dict[str, Any],
+        reply_topic: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        """Answer a request the safety gate refused.
+
+        The refusal is stored as the request's final outcome, so a resend gets the
+        same answer, except `rate_limited`: that passes, so a resend with the same id
+        after a wait is carried out.
+        """
+        request_id, text = reply["id"], reply["text"]
+        status = "not_recognized" if exc.code == "not_recognized" else "rejected"
+        reply.update(status=status, error={"code": exc.code, "message": str(exc)})
+        if exc.code != "rate_limited":
+            self._store.add(
+                request_id, text, reply_topic, correlation, [], status, reply
+            )
+            self._store.close_request(request_id, status, reply)
+        self._publish_reply(reply, reply_topic, correlation)
+        self._error(exc.code, str(exc), request_id, correlation)
 
     def _dry_run(self, reply, commands, reply_topic, correlation) -> None:
         now = time.time()

@@ -12,17 +12,26 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
+from collections import Counter
 
 import jsonschema
 import pytest
 from bridge.harness import HOME_YAML, REPO, Observer, bridge_config, final_replies
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from rhasspyhermes.intent import Intent, Slot, SlotRange
 from rhasspyhermes.nlu import NluIntent, NluIntentNotRecognized, NluQuery
 
 from edgeslm.cli import _parser as _edgeslm_parser
 from edgeslm.intent.registry import load_registry
 from edgeslm.intent.result import IntentResult
-from firmware_bridge.commands import CommandRejected, RateLimiter, plan_commands
+from firmware_bridge.commands import (
+    REQUEST_ID,
+    CommandRejected,
+    RateLimiter,
+    plan_commands,
+)
 from firmware_bridge.config import BridgeConfigError, config_from_dict
 from firmware_bridge.protocol import load_schema
 from firmware_bridge.service import Bridge
@@ -316,6 +325,51 @@ def test_rate_limit_per_device(running):
     assert sim.applied["switch.fan"] == 2
 
 
+def _statuses(observer: Observer, request_id: str) -> list[str]:
+    """The statuses of every reply to `request_id`, in order, `accepted` included."""
+    return [
+        r["status"] for r in observer.json_on(f"{BASE}/reply") if r["id"] == request_id
+    ]
+
+
+def test_rate_limited_request_is_carried_out_when_resent_with_its_id(running):
+    bridge, sim, observer = running(rate_limit={"per_second": 0.5, "burst": 1})
+    observer.publish(f"{BASE}/command", {"id": "w1", "text": "turn on the fan"})
+    observer.publish(f"{BASE}/command", {"id": "w2", "text": "turn off the fan"})
+    assert observer.wait_for(lambda: "rejected" in _statuses(observer, "w2"))
+    error = final_replies(observer)["w2"]["error"]
+    assert error["code"] == "rate_limited" and "'switch.fan'" in error["message"]
+
+    # as the error invites: wait for a token, then send the same request again
+    time.sleep(2.2)
+    observer.publish(f"{BASE}/command", {"id": "w2", "text": "turn off the fan"})
+    assert observer.wait_for(lambda: "done" in _statuses(observer, "w2"))
+    assert _statuses(observer, "w2") == ["rejected", "accepted", "done"]
+    assert sim.applied["switch.fan"] == 2
+    assert sim.states["switch.fan"]["state"] == "OFF"
+
+
+def test_rate_limit_refusal_takes_no_other_devices_tokens(running):
+    bridge, sim, observer = running(rate_limit={"per_second": 0.001, "burst": 1})
+    observer.publish(f"{BASE}/command", {"id": "t1", "text": "close the blinds"})
+    assert observer.wait_for(lambda: "t1" in final_replies(observer))
+
+    # the thermostat has its token, the blinds have none: refused, nothing taken
+    both = {"id": "t2", "intent": "HassTurnOff", "slots": {"area": "living_room"}}
+    observer.publish(f"{BASE}/command", both)
+    assert observer.wait_for(lambda: "t2" in final_replies(observer))
+    refused = final_replies(observer)["t2"]
+    assert refused["error"]["code"] == "rate_limited", refused
+    assert "'cover.blinds'" in refused["error"]["message"]
+
+    # so the thermostat's token is still there
+    observer.publish(f"{BASE}/command", {"id": "t3", "text": "turn off the thermostat"})
+    assert observer.wait_for(lambda: "t3" in final_replies(observer))
+    assert final_replies(observer)["t3"]["status"] == "done", final_replies(observer)
+    assert sim.applied["t1-0"] == sim.applied["t3-0"] == 1  # JSON devices: by id
+    assert sim.total_applied() == 2
+
+
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
@@ -390,6 +444,61 @@ def test_hermes_query_answers_with_schema_valid_messages(running):
     for _ in range(2):
         observer.publish(NluQuery.topic(), NluQuery(input="turn on the fan").to_json())
     assert observer.wait_for(lambda: sim.applied["switch.fan"] == 3)
+
+
+def test_hermes_queries_of_one_session_without_id_each_act_once(running):
+    """Rhasspy's dialogue manager sends NluQuery with a sessionId and no id."""
+    bridge, sim, observer = running()
+    session = str(uuid.uuid4())
+    first = NluQuery(input="turn on the fan", session_id=session).to_json()
+    second = NluQuery(input="turn off the fan", session_id=session).to_json()
+    observer.publish(NluQuery.topic(), first)
+    assert observer.wait_for(lambda: sim.applied["switch.fan"] == 1)
+    observer.publish(NluQuery.topic(), second)  # continueSession: a new query
+    observer.publish(NluQuery.topic(), first)  # a redelivery of the first one
+
+    def finals() -> list[dict]:
+        replies = observer.json_on(f"{BASE}/reply")
+        return [r for r in replies if r["status"] != "accepted"]
+
+    assert observer.wait_for(lambda: len(finals()) == 3), finals()
+    ids = Counter(r["id"] for r in finals())  # the first twice, the second once
+    assert sorted(ids.values()) == [1, 2], ids
+    assert all(REQUEST_ID.fullmatch(i) for i in ids), ids
+    assert sim.applied["switch.fan"] == 2
+    assert sim.states["switch.fan"]["state"] == "OFF"  # the redelivery did not act
+
+
+def test_hermes_input_over_1000_characters_is_refused_like_a_command(running):
+    bridge, sim, observer = running()
+    text = "turn on the fan" + " " * 1000  # its first 1000 characters would act
+    query = NluQuery(input=text, id="long", session_id="s-long").to_json()
+    observer.publish(NluQuery.topic(), query, properties=_correlated(b"query"))
+    command = json.dumps({"id": "long", "text": text})
+    observer.publish(f"{BASE}/command", command, properties=_correlated(b"command"))
+
+    def errors() -> dict[bytes, dict]:
+        return {
+            props.CorrelationData: json.loads(payload)["error"]
+            for topic, payload, props in list(observer.messages)
+            if topic == f"{BASE}/error"
+        }
+
+    assert observer.wait_for(lambda: len(errors()) == 2), errors()
+    assert errors()[b"query"]["code"] == errors()[b"command"]["code"] == "too_long"
+    assert "1000 characters" in errors()[b"query"]["message"]
+    missed = observer.json_on(NluIntentNotRecognized.topic())
+    assert [(m["id"], m["sessionId"]) for m in missed] == [("long", "s-long")]
+    time.sleep(0.3)
+    assert sim.total_applied() == 0
+    assert not [t for t, _, _ in observer.messages if t.startswith("hermes/intent/")]
+
+
+def _correlated(data: bytes) -> Properties:
+    """MQTT 5 PUBLISH properties carrying `data` as correlation data."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = data
+    return props
 
 
 def test_home_assistant_discovery_and_last_will(running):
@@ -557,6 +666,14 @@ def test_rate_limiter_refills():
     limiter = RateLimiter(per_second=1.0, burst=2)
     assert [limiter.allow("d", now=0.0) for _ in range(3)] == [True, True, False]
     assert limiter.allow("d", now=1.01) and not limiter.allow("d", now=1.02)
+
+
+def test_rate_limiter_takes_all_tokens_or_none():
+    limiter = RateLimiter(per_second=0.0, burst=2)
+    assert limiter.take(Counter({"a": 1, "b": 2}), now=0.0) is None
+    assert limiter.take(Counter({"a": 1, "b": 1}), now=0.0) == "b"
+    assert limiter.allow("a", now=0.0)  # "a" kept the token of the refused request
+    assert not limiter.allow("a", now=0.0)
 
 
 def test_registry_topics_that_are_not_publish_topics_are_refused(tmp_path):

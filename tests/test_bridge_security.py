@@ -2,8 +2,9 @@
 
 Anonymous clients, wrong passwords and clients that do not trust the broker's
 certificate are refused, on the TLS listener and on the plain one; the ACL keeps a
-device from publishing to another device's topics; and the bridge, with its own
-credentials (password from a file, CA from the config), carries a command end to end.
+device from publishing to another device's topics; the bridge, with its own
+credentials (password from a file, CA from the config), carries a command end to end;
+and a subscription the ACL refuses is logged as an error rather than left unnoticed.
 """
 
 from __future__ import annotations
@@ -162,3 +163,60 @@ def test_bridge_with_a_wrong_password_never_connects(
         finally:
             bridge.stop()
     assert "check broker credentials" in caplog.text
+
+
+def test_a_subscription_the_acl_refuses_is_logged_as_an_error(
+    tmp_path, registry, recognizer, caplog
+):
+    """An ACL file only filters deliveries (mosquitto 2.0 grants every SUBSCRIBE);
+    the dynamic security plugin refuses a SUBSCRIBE in the SUBACK, as a stricter
+    broker would. Here the bridge may answer Hermes but not read its queries."""
+    send, pattern = "publishClientSend", "subscribePattern"
+    acls = {
+        "bridge": [(send, "edgeslm/#"), (send, "hermes/#"), (send, "home/#")]
+        + [(send, "homeassistant/#"), (send, "zigbee2mqtt/#"), (send, "cmnd/#")]
+        + [(pattern, t) for t in ("edgeslm/#", "home/#", "zigbee2mqtt/#", "stat/#")],
+        "device": [(send, "edgeslm/+/command"), (pattern, "edgeslm/+/reply")],
+    }
+    b = Mosquitto(tmp_path / "deaf", dynsec=acls).start()
+    config = bridge_config(
+        tmp_path,
+        b.tls_port,
+        broker={
+            "username": "bridge",
+            "password": "bridge-secret",
+            "tls": {"ca": b.pki["ca"]},
+        },
+    )
+    requester = Observer(
+        b.tls_port, [f"{BASE}/reply"], "device", "device-secret", b.pki["ca"]
+    )
+    bridge = Bridge(config, registry, recognizer)
+    refused = []
+    with caplog.at_level("ERROR", logger="firmware_bridge"):
+        bridge.start()
+        try:
+            assert bridge.connected.wait(10), "the bridge could not log in"
+            deadline = time.monotonic() + 10
+            while not refused and time.monotonic() < deadline:
+                time.sleep(0.05)
+                refused = [
+                    r.getMessage()
+                    for r in caplog.records
+                    if r.levelname == "ERROR" and "refused the subscription" in r.msg
+                ]
+
+            # the other subscriptions hold: a command is still taken (no device here)
+            requester.publish(
+                f"{BASE}/command", {"id": "d1", "text": "turn on the kitchen light"}
+            )
+            assert requester.wait_for(
+                lambda: any(r["id"] == "d1" for r in requester.json_on(f"{BASE}/reply"))
+            )
+        finally:
+            bridge.stop()
+            requester.close()
+            b.stop()
+    assert len(refused) == 1, caplog.text
+    assert "hermes/nlu/query" in refused[0] and "ACL" in refused[0], refused
+    assert "'bridge'" in refused[0], refused

@@ -3,19 +3,48 @@
 `Mosquitto(tmp)` writes a config (persistence on, so a killed-and-restarted broker keeps
 sessions and queued messages it saved), starts the process and waits for the port.
 `secure=True` adds a TLS listener with a test CA, a password file and an ACL, and
-turns anonymous access off.
+turns anonymous access off. `dynsec=` replaces the password file and ACL file with
+mosquitto's dynamic security plugin and the given ACLs: unlike an ACL file (checked
+when a message is delivered), it refuses a SUBSCRIBE it does not allow in the SUBACK.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from glob import glob
 from pathlib import Path
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+# dynamic security ACLs: user -> [(acltype, topic)], each allowed, e.g.
+# ("subscribePattern", "edgeslm/#"); everything else gets dynsec's defaults (no
+# publishing, no subscribing)
+DynsecAcls = dict[str, list[tuple[str, str]]]
+
+
+def dynsec_plugin() -> str:
+    """The path of mosquitto's dynamic security plugin (packaged with mosquitto)."""
+    for pattern in (
+        "/usr/lib/*/mosquitto_dynamic_security.so",
+        "/usr/lib/mosquitto_dynamic_security.so",
+        "/usr/local/lib/mosquitto_dynamic_security.so",
+    ):
+        found = sorted(glob(pattern))
+        if found:
+            return found[0]
+    raise RuntimeError(
+        "mosquitto_dynamic_security.so not found: it ships with mosquitto 2.0 "
+        "(apt-get install -y mosquitto)"
+    )
 
 
 def free_port() -> int:
@@ -38,7 +67,9 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """One mosquitto process; `start`, `kill` (SIGKILL), `stop` (SIGTERM), `restart`."""
 
-    def __init__(self, folder: Path, secure: bool = False) -> None:
+    def __init__(
+        self, folder: Path, secure: bool = False, dynsec: DynsecAcls | None = None
+    ) -> None:
         if not Path(MOSQUITTO).exists():
             raise RuntimeError(
                 "mosquitto is not installed: "
@@ -47,6 +78,7 @@ class Mosquitto:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        secure = secure or dynsec is not None
         self.tls_port = free_port() if secure else None
         self.secure = secure
         self.proc: subprocess.Popen | None = None
@@ -66,15 +98,12 @@ class Mosquitto:
             "set_tcp_nodelay true",
             f"listener {self.port} 127.0.0.1",
         ]
-        if secure:
-            from bridge.tls import make_test_pki
-
-            self.pki = make_test_pki(self.folder / "pki")
-            self.users = {
-                "bridge": "bridge-secret",
-                "device": "device-secret",
-                "observer": "observer-secret",
-            }
+        if dynsec is not None:
+            self._test_users()
+            lines[-1:-1] = self._dynsec(dynsec)  # global: before the first listener
+            lines += self._tls_listener()
+        elif secure:
+            self._test_users()
             self._password_file()
             acl = self.folder / "acl"
             acl.write_text(
@@ -96,10 +125,7 @@ class Mosquitto:
                 "allow_anonymous false",
                 f"password_file {self.folder}/passwd",
                 f"acl_file {acl}",
-                f"listener {self.tls_port} 127.0.0.1",
-                f"cafile {self.pki['ca']}",
-                f"certfile {self.pki['cert']}",
-                f"keyfile {self.pki['key']}",
+                *self._tls_listener(),
                 "allow_anonymous false",
                 f"password_file {self.folder}/passwd",
                 f"acl_file {acl}",
@@ -109,6 +135,68 @@ class Mosquitto:
             lines.append("allow_anonymous true")
         self.conf = self.folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
+
+    def _test_users(self) -> None:
+        """The test CA and certificate, and the users with their passwords."""
+        from bridge.tls import make_test_pki
+
+        self.pki = make_test_pki(self.folder / "pki")
+        self.users = {
+            "bridge": "bridge-secret",
+            "device": "device-secret",
+            "observer": "observer-secret",
+        }
+
+    def _tls_listener(self) -> list[str]:
+        return [
+            f"listener {self.tls_port} 127.0.0.1",
+            f"cafile {self.pki['ca']}",
+            f"certfile {self.pki['cert']}",
+            f"keyfile {self.pki['key']}",
+        ]
+
+    def _dynsec(self, acls: DynsecAcls) -> list[str]:
+        """Write the dynamic security file (a role per user); its config lines."""
+        clients, roles = [], []
+        for user, password in self.users.items():
+            salt = os.urandom(12)
+            digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+            clients.append(
+                {
+                    "username": user,
+                    "password": base64.b64encode(digest).decode(),
+                    "salt": base64.b64encode(salt).decode(),
+                    "iterations": 101,
+                    "roles": [{"rolename": user}],
+                }
+            )
+            allowed = acls.get(user, [])
+            roles.append(
+                {
+                    "rolename": user,
+                    "acls": [
+                        {"acltype": kind, "topic": topic, "allow": True}
+                        for kind, topic in allowed
+                    ],
+                }
+            )
+        config = {
+            "clients": clients,
+            "roles": roles,
+            "defaultACLAccess": {
+                "publishClientSend": False,
+                "publishClientReceive": True,
+                "subscribe": False,
+                "unsubscribe": True,
+            },
+        }
+        path = self.folder / "dynamic-security.json"
+        path.write_text(json.dumps(config, indent=1))
+        return [
+            "allow_anonymous false",
+            f"plugin {dynsec_plugin()}",
+            f"plugin_opt_config_file {path}",
+        ]
 
     def _password_file(self) -> None:
         path = self.folder / "passwd"
