@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +77,22 @@ def request(
         return response.status, dict(response.getheaders()), parsed
     finally:
         conn.close()
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], Any]:
+    """One response with a Content-Length from a raw socket, leaving it open:
+    (status, headers, parsed JSON body)."""
+    stream = sock.makefile("rb")
+    try:
+        status = int(stream.readline().split(b" ", 2)[1])
+        headers = {}
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip()] = value.strip()
+        body = stream.read(int(headers["Content-Length"]))
+    finally:
+        stream.close()  # the socket stays open
+    return status, headers, json.loads(body)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:

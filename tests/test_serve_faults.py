@@ -8,6 +8,8 @@ test ends by checking that the server still answers.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import signal
 import socket
 import struct
@@ -18,7 +20,14 @@ import time
 
 import openai
 import pytest
-from serve_harness import assert_error, client, request, serving, wait_until
+from serve_harness import (
+    assert_error,
+    client,
+    read_answer,
+    request,
+    serving,
+    wait_until,
+)
 
 import edgeslm
 from edgeslm.serve import App
@@ -193,6 +202,70 @@ def test_errors_leave_the_connection_usable(app):
         conn.close()
 
 
+# Requests answered before their body is read: (name, method, path, headers, status).
+EARLY_REFUSALS = [
+    ("401 wrong key", "POST", CHAT, "Authorization: Bearer wrong\r\n", 401),
+    ("404 unknown path", "POST", "/v1/nothing", "", 404),
+    ("405 wrong method", "POST", "/v1/models", "", 405),
+    ("405 unknown method", "PUT", CHAT, "", 405),
+    ("413 over the limit", "POST", CHAT, "Authorization: Bearer k\r\n", 413),
+    ("GET with a body", "GET", "/health", "", 200),
+]
+
+
+@pytest.mark.parametrize(
+    "name, method, path, headers, status",
+    EARLY_REFUSALS,
+    ids=[r[0] for r in EARLY_REFUSALS],
+)
+def test_an_unread_body_does_not_become_the_next_request(
+    app, name, method, path, headers, status
+):
+    body = json.dumps(chat(messages=[{"role": "user", "content": "x" * 300}]))
+    first = (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"{body}"
+    )
+    second = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with serving(app, api_key="k", max_body_bytes=256) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            # The refused request, answered with the connection kept open...
+            s.sendall(first.encode())
+            got, answer_headers, answer = read_answer(s)
+            assert got == status, answer
+            assert answer_headers.get("Connection") != "close", answer_headers
+            # ...and the next one on it is read as a request of its own.
+            s.sendall(second.encode())
+            got, _, answer = read_answer(s)
+            assert got == 200, answer
+            assert answer["status"] == "ok"
+        still_serving_with_key(server)
+
+
+def test_a_body_too_large_to_drop_closes_the_connection(app):
+    # Only the heads are sent: the bodies would never be read.
+    chunked = "Transfer-Encoding: chunked\r\n\r\n"
+    too_large = "Content-Length: 1073741824\r\n\r\n"  # 1 GiB
+    with serving(app, api_key="k") as server:
+        for framing in (chunked, too_large):
+            head = "POST /v1/nothing HTTP/1.1\r\nHost: x\r\n"
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                s.sendall((head + framing).encode())
+                status, headers, body = read_answer(s)
+                assert_error(status, body, 404)
+                # Said, and done: the server closes rather than read on.
+                assert headers["Connection"] == "close", headers
+                assert s.recv(1) == b""
+        still_serving_with_key(server)
+
+
+def still_serving_with_key(server) -> None:
+    auth = {"Authorization": "Bearer k"}
+    status, _, body = request(server, "POST", CHAT, chat(), auth)
+    assert status == 200, body
+
+
 def test_other_endpoints_and_context_errors(app):
     with serving(app) as server:
         status, _, body = request(server, "POST", "/v1/embeddings", {"input": "x"})
@@ -211,6 +284,41 @@ def test_other_endpoints_and_context_errors(app):
         )
         assert_error(status, body, 400)
         still_serving(server)
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "set_light",
+        "description": "Switch a light on or off",
+        "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}},
+    },
+}
+
+
+def test_default_max_tokens_is_what_the_real_prompt_leaves(app, model, monkeypatch):
+    seen = []
+    generate = model.generate
+
+    def measured(prompt, **options):
+        # What the model is given: its prompt, and the budget the server chose.
+        used = len(model.tokenize(prompt, add_bos=False))
+        seen.append((used, options["max_tokens"]))
+        return generate(prompt, **{**options, "max_tokens": 2})  # short runs
+
+    monkeypatch.setattr(model, "generate", measured)
+    with serving(app) as server:
+        plain = {"model": "tiny", "messages": HI}
+        with_tools = {**plain, "tools": [TOOL], "tool_choice": "required"}
+        for body in (plain, with_tools):
+            status, _, answer = request(server, "POST", CHAT, body)
+            assert status == 200, answer
+
+    # Prompt and answer fill the context exactly, the tools' listing counted.
+    (plain_used, plain_budget), (tools_used, tools_budget) = seen
+    assert tools_used > plain_used  # the listing is in the prompt
+    assert plain_used + plain_budget == model.n_ctx
+    assert tools_used + tools_budget == model.n_ctx, seen
 
 
 def test_broken_framing_gets_an_answer_not_a_hang(app):
@@ -388,6 +496,44 @@ def test_non_streaming_client_that_times_out_cancels_its_generation(app):
                 extra_body={"ignore_eos": True},
             )
         assert wait_until(lambda: health(server)["queue"]["running"] == 0, 10)
+        assert [r.finish_reason for r in app.recent] == ["cancelled"]
+        still_serving(server)
+
+
+def test_disconnect_check_works_on_descriptors_above_1023(app):
+    # Fill every descriptor below 1024, so that both ends of the next
+    # connection get higher ones (select() cannot watch those).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY)]
+    try:
+        while fillers[-1] < 1024:
+            fillers.append(os.dup(fillers[0]))
+        with serving(app) as server:
+            status, _, body = request(
+                server, "POST", CHAT, chat(max_tokens=6, ignore_eos=True)
+            )
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # Served whole, not cancelled as if the client had gone.
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 6
+    assert [r.finish_reason for r in app.recent] == ["length"]
+
+
+def test_a_half_closed_client_counts_as_gone(app):
+    # Documented in docs/SERVER.md: over TCP, shutdown(SHUT_WR) looks like a
+    # close until the server writes, so the generation is cancelled.
+    body = json.dumps(chat(max_tokens=ENDLESS, ignore_eos=True))
+    head = f"POST {CHAT} HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n"
+    with serving(app) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall((head + body).encode())
+            s.shutdown(socket.SHUT_WR)
+            assert wait_until(lambda: len(app.recent) == 1, 10)
+            assert s.recv(65536) == b""  # no answer: the server closed
         assert [r.finish_reason for r in app.recent] == ["cancelled"]
         still_serving(server)
 

@@ -190,11 +190,9 @@ class App:
         answer = None
         with self._turn(client):
             if req.max_tokens is None:
-                # OpenAI's default: as much as the context leaves.
-                render = model.chat_template.render
-                text = _call(render, messages, add_generation_prompt=True)
-                used = len(model.tokenize(text, add_bos=False))
-                options["max_tokens"] = max(1, model.n_ctx - used)
+                # OpenAI's default: as much as the context leaves after the prompt
+                # the model will really see (with tools, their listing too).
+                options["max_tokens"] = _context_left(model, messages, plan)
             if plan.active:
                 answer = self._answer_with_tools(
                     model, messages, plan, options, req, client
@@ -400,6 +398,21 @@ def _call(function: Any, *args: Any, **options: Any) -> Iterator[str]:
         return function(*args, **options)
     except (EdgeSLMError, ValueError, TypeError) as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
+
+
+def _context_left(
+    model: Any, messages: list[dict[str, Any]], plan: tools.ToolPlan
+) -> int:
+    """Tokens the context holds after the chat's rendered prompt (at least 1)."""
+    # The prompt as the generation will render it.
+    if plan.active:
+        text = _call(tools.prompt, model, messages, plan)
+    else:
+        text = _call(model.chat_template.render, messages, add_generation_prompt=True)
+
+    # What is left of the context (a prompt too long is refused at prefill).
+    used = len(model.tokenize(text, add_bos=False))
+    return max(1, model.n_ctx - used)
 
 
 class _Pieces:

@@ -8,9 +8,13 @@ library costs no dependency at all.
 
 What this module guards against, since http.server itself does not:
 - bodies: `Content-Length` is required and capped (413 above `max_body_bytes`,
-  decided from the header; a refused body up to 16 MiB is then read and
-  dropped so that the client sees the answer, a larger one closes the
-  connection); JSON must be strict (no NaN) and a JSON object;
+  decided from the header); JSON must be strict (no NaN) and a JSON object;
+- bodies no endpoint reads (any error before the body is read: 401, 404, 405,
+  413, ...; a GET with a body): read and dropped before the answer, up to
+  `max_body_bytes` or 16 MiB, whichever is larger, so that a keep-alive
+  connection stays in step and the client sees the answer rather than a
+  reset; a larger, chunked or unmeasurable body closes the connection
+  (`Connection: close`);
 - slow or idle clients: every socket has a timeout;
 - connection floods: at most `max_connections` handler threads, then a 503;
 - every error, including malformed request lines, is an OpenAI error object.
@@ -42,8 +46,11 @@ log = logging.getLogger(__name__)
 SOCKET_TIMEOUT = 30.0
 # Tells a client how long to wait before retrying a refused request.
 RETRY_AFTER_SECONDS = 1
-# A refused body up to this size is read and dropped, keeping the connection usable.
+# A refused body up to this size (or up to the body limit, if larger) is read and
+# dropped, keeping the connection usable; a larger one closes the connection.
 DRAIN_LIMIT = 16 << 20
+# poll() events that mean the connection is finished (reset, or shut both ways).
+_POLL_HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 # Routes: path -> {method: App method name}.
 ROUTES = {
@@ -163,11 +170,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._events = False  # True once an event stream has started
         self._dead = False  # True once a write to the client failed
+        self._body_done = False  # True once the body is read, dropped or given up
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         try:
             self._route(method, path)
         except APIError as error:
-            self._send_error_object(error)
+            self._refuse(error)
         except QueueFull:
             self.server.app.count("rejected")
             error = APIError(
@@ -177,7 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
                 code="queue_full",
                 type="rate_limit_error",
             )
-            self._send_error_object(error, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            self._refuse(error, {"Retry-After": str(RETRY_AFTER_SECONDS)})
         except ClientGone:
             log.debug("%s %s: client disconnected", method, path)
             self.close_connection = True
@@ -187,7 +195,12 @@ class _Handler(BaseHTTPRequestHandler):
             error = APIError(
                 500, "internal error; see the server log", type="server_error"
             )
-            self._send_error_object(error)
+            self._refuse(error)
+
+    def _refuse(self, error: APIError, headers: dict[str, str] | None = None) -> None:
+        """Answer with an error, first dropping a body that was never read."""
+        self._drop_body()
+        self._send_error_object(error, headers)
 
     def _route(self, method: str, path: str) -> None:
         app = self.server.app
@@ -207,6 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._authorize()
 
         name = methods[method]
+        if method != "POST":
+            self._drop_body()  # a GET reads no body: keep the connection in step
         if name == "model_card":
             self.send_json(app.model_card(path[len("/v1/models/") :]))
         elif method == "GET":
@@ -216,18 +231,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         """Tell the client to send its body, unless the body is too large."""
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.server.max_body_bytes:
+        length = self._content_length()
+        if length is not None and length > self.server.max_body_bytes:
             self._events = self._dead = False
             self.close_connection = True  # the body will not be read
-            self._send_error_object(
-                APIError(
-                    413,
-                    f"request body of {length} bytes is larger than this server's "
-                    f"limit of {self.server.max_body_bytes} (--max-body-kib)",
-                    code="body_too_large",
-                )
-            )
+            self._send_error_object(self._too_large(length))
             return False
         return super().handle_expect_100()
 
@@ -248,75 +256,117 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> Any:
         """The request body as JSON, with its size and syntax checked."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        return _parse_json(self._read_body())
+
+    def _read_body(self) -> bytes:
+        """The request body, its framing and size checked.
+
+        Raises:
+            APIError: 411 without a usable Content-Length (the connection then
+                closes), 413 over the body limit, 400 if the body ends early.
+        """
+        # A body of unknown length cannot be skipped: refuse it, close after.
+        length = self._content_length()
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is not None or length is None:
+            self._body_done = True
             self.close_connection = True
-            raise APIError(
-                411, "send the body with a Content-Length, not chunked", code="length"
+            problem = (
+                f"not Transfer-Encoding: {coding}"
+                if coding is not None
+                else f"got Content-Length {self.headers.get('Content-Length')!r}"
             )
-        length_text = self.headers.get("Content-Length")
-        try:
-            length = int(length_text) if length_text is not None else -1
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            raise APIError(411, "a Content-Length header is required", code="length")
+            raise APIError(
+                411,
+                f"send the body with a Content-Length in bytes; {problem}",
+                code="length",
+            )
+
+        # Too large: refused from the header (the body is then dropped or left).
         if length > self.server.max_body_bytes:
-            self._discard(length)
-            raise APIError(
-                413,
-                f"request body of {length} bytes is larger than this server's "
-                f"limit of {self.server.max_body_bytes} (--max-body-kib)",
-                code="body_too_large",
-            )
+            raise self._too_large(length)
+
+        # Read it whole.
+        self._body_done = True
         raw = self.rfile.read(length)
         if len(raw) < length:
             self.close_connection = True
             raise APIError(400, "request body ended early", code="invalid_body")
-        try:
-            return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-        except UnicodeDecodeError as exc:
-            raise APIError(
-                400, f"body is not UTF-8 ({exc})", code="invalid_json"
-            ) from exc
-        except json.JSONDecodeError as exc:
-            raise APIError(
-                400,
-                f"body is not valid JSON: {exc.msg} at line {exc.lineno} column "
-                f"{exc.colno}",
-                code="invalid_json",
-            ) from exc
-        except (ValueError, RecursionError) as exc:
-            raise APIError(
-                400, f"body is not valid JSON: {exc}", code="invalid_json"
-            ) from exc
+        return raw
 
-    def _discard(self, length: int) -> None:
-        """Read and drop a refused body, so the client sees the answer, not a reset.
+    def _too_large(self, length: int) -> APIError:
+        return APIError(
+            413,
+            f"request body of {length} bytes is larger than this server's "
+            f"limit of {self.server.max_body_bytes} (--max-body-kib)",
+            code="body_too_large",
+        )
 
-        Bodies beyond DRAIN_LIMIT are left unread and the connection is closed.
+    def _content_length(self) -> int | None:
+        """The `Content-Length` header as a number; None if absent or malformed."""
+        text = self.headers.get("Content-Length", "").strip()
+        return int(text) if text.isascii() and text.isdigit() else None
+
+    def _drop_body(self) -> None:
+        """Read and drop a body no endpoint will read, before answering.
+
+        Left unread, the body would be parsed as the next request on a keep-alive
+        connection, and closing a socket with unread data resets it, which can
+        lose the answer. A body up to the larger of the body limit and
+        DRAIN_LIMIT is read; a larger, chunked or unmeasurable one is left, and
+        the connection closes after the answer.
         """
-        if length > DRAIN_LIMIT:
+        if self._body_done:
+            return
+        self._body_done = True
+
+        # No body declared: nothing to do.
+        framing = ("Content-Length", "Transfer-Encoding")
+        if not any(name in self.headers for name in framing):
+            return
+
+        # A body of unknown or excessive length: give the connection up.
+        length = self._content_length()
+        limit = max(self.server.max_body_bytes, DRAIN_LIMIT)
+        if "Transfer-Encoding" in self.headers or length is None or length > limit:
             self.close_connection = True
             return
-        while length > 0:
-            data = self.rfile.read(min(length, 1 << 16))
-            if not data:
-                self.close_connection = True
-                return
-            length -= len(data)
+
+        # Read it in pieces; a client that stops sending loses the connection.
+        try:
+            while length > 0:
+                data = self.rfile.read(min(length, 1 << 16))
+                if not data:
+                    break
+                length -= len(data)
+        except OSError:  # a timeout or a reset
+            pass
+        if length > 0:
+            self.close_connection = True
 
     # --- the Client protocol (edgeslm.serve.app) ----------------------------------
 
     def gone(self) -> bool:
-        """True once the client has closed its end (or a write to it failed)."""
+        """True once the client has closed its end (or a write to it failed).
+
+        A client that only shut down its sending side (`shutdown(SHUT_WR)`) looks
+        the same over TCP as one that closed the socket, until a write is
+        answered by a reset: both count as gone (docs/SERVER.md).
+        """
         if self._dead:
             return True
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+            # poll, not select: select fails on descriptors >= 1024.
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN | select.POLLPRI)
+            events = poller.poll(0)
+            mask = events[0][1] if events else 0
+            # A reset or a full shutdown; else EOF (a zero-byte peek) is the close.
+            if mask & _POLL_HANGUP:
                 self._dead = True
-        except (OSError, ValueError):
+            elif mask and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                self._dead = True
+        except OSError:
             self._dead = True
         return self._dead
 
@@ -385,6 +435,29 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
+
+
+def _parse_json(raw: bytes) -> Any:
+    """Strict JSON (no NaN or Infinity) from a request body.
+
+    Raises:
+        APIError: 400 saying what is wrong with the body, and where.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"body is not UTF-8 ({exc})", code="invalid_json") from exc
+    except json.JSONDecodeError as exc:
+        raise APIError(
+            400,
+            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}",
+            code="invalid_json",
+        ) from exc
+    except (ValueError, RecursionError) as exc:
+        raise APIError(
+            400, f"body is not valid JSON: {exc}", code="invalid_json"
+        ) from exc
 
 
 def _no_constant(name: str) -> Any:

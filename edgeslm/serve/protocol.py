@@ -4,7 +4,7 @@ Each endpoint has a table of the fields it accepts. A field is one of:
 
 - supported: checked (type and range) and passed to the model;
 - an edgeslm extension (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`):
-  llama.cpp's server takes the same names;
+  vLLM's names (llama.cpp's server calls the penalty `repeat_penalty`);
 - accepted and ignored, because it cannot change the answer here (`user`,
   `metadata`, `store`, `service_tier`, `parallel_tool_calls`);
 - accepted only at its default (`n: 1`, `logprobs: false`, ...), because this server
@@ -194,7 +194,7 @@ SAMPLING: dict[str, Check] = {
     "n": only(1, "one answer per request; send several requests"),
     "logit_bias": only({}, "the sampler has no per-token bias here yet"),
     "user": ignored,
-    # edgeslm extensions (the names llama.cpp's server uses)
+    # edgeslm extensions (vLLM's names; llama.cpp's server has repeat_penalty)
     "top_k": integer(0),
     "min_p": number(0.0, 1.0),
     "repetition_penalty": number(0.0, 100.0, open_lo=True),

@@ -31,7 +31,13 @@ from typing import Any
 
 from edgeslm.errors import ConstraintError
 from edgeslm.serve.protocol import bad
-from edgeslm.structured import Tool, ToolCall, ToolCallFormat
+from edgeslm.structured import (
+    Tool,
+    ToolCall,
+    ToolCallFormat,
+    _render_with_tools,
+    tool_call_format,
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,25 @@ def _parse_tools(tools: Any) -> tuple[Tool, ...]:
     if len(set(names)) != len(names):
         raise bad("tools", f"function names must be distinct, got {names}")
     return tuple(parsed)
+
+
+def prompt(model: Any, messages: list[dict[str, Any]], tool_plan: ToolPlan) -> str:
+    """The prompt text `Model.tool_call` generates from, the tools' listing included.
+
+    Rendered by the same function `edgeslm.structured.tool_call` uses, so that its
+    length in tokens is the length of the prompt the model will see.
+
+    Args:
+        model: the loaded chat model.
+        messages: the conversation, as `Model.tool_call` will be given it.
+        tool_plan: an active plan (tools offered).
+
+    Raises:
+        EdgeSLMError: malformed earlier calls, or the template failed.
+    """
+    call_format, native = tool_call_format(model)
+    offered = list(tool_plan.tools) if tool_plan.active else []
+    return _render_with_tools(model, messages, offered, call_format, native)
 
 
 def with_calls_as_text(
