@@ -49,9 +49,18 @@ def test_template_answers_with_slots_and_devices(templates_only):
     assert result.actionable and result.latency_ms > 0
 
 
-def test_template_is_tried_without_the_wake_word(templates_only):
-    result = templates_only.recognize("Alexa, turn off the desk lamp")
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Alexa, turn off the desk lamp",
+        "hey olly turn off the desk lamp",
+        "OK Google, turn off the desk lamp",
+    ],
+)
+def test_template_is_tried_without_the_wake_words(templates_only, text):
+    result = templates_only.recognize(text)
     assert result.intent == "HassTurnOff" and result.devices == ("light.desk_lamp",)
+    assert result.layer == "template"
 
 
 def test_context_area_of_a_voice_satellite(templates_only):

@@ -51,7 +51,7 @@ def test_suites_load(shared_data):
     }
 
 
-def _training_and_calibration() -> tuple[set[str], set[str]]:
+def _examples_and_calibration() -> tuple[set[str], set[str]]:
     examples = yaml.safe_load(
         (REPO / "edgeslm" / "intent" / "data" / "examples_en.yaml").read_text()
     )
@@ -62,8 +62,18 @@ def _training_and_calibration() -> tuple[set[str], set[str]]:
     return train, held_out
 
 
+def _generated_training_set() -> set[str]:
+    """The sentences the recognizer trains on for the SLURP evaluation home."""
+    from edgeslm.intent.classifier import training_set
+    from edgeslm.intent.registry import load_registry
+    from edgeslm.intent.templates import TemplateLayer
+
+    registry = load_registry(TOOL / "slurp_registry.yaml")
+    return set(training_set(registry, TemplateLayer(registry).intents).texts)
+
+
 def test_no_evaluation_sentence_is_training_or_calibration_data(shared_data):
-    train, held_out = _training_and_calibration()
+    train, held_out = _examples_and_calibration()
     evaluation = {
         normalize(c.text) for c in load_cases(shared_data / "ha-intents-tests-en")
     }
@@ -73,6 +83,30 @@ def test_no_evaluation_sentence_is_training_or_calibration_data(shared_data):
     assert not (train & evaluation), sorted(train & evaluation)[:10]
     assert not (held_out & evaluation), sorted(held_out & evaluation)[:10]
     assert not (train & held_out), sorted(train & held_out)[:10]
+    # The generated set (template samples + filled examples) may hold sentences
+    # Home Assistant's templates also give its suite; never a calibration one.
+    generated = _generated_training_set()
+    assert len(generated) > 1000
+    assert not (generated & held_out), sorted(generated & held_out)[:10]
+
+
+def test_wake_word_share_uses_the_recognizers_rule(shared_data):
+    import run
+
+    from edgeslm.intent import slots
+
+    assert run.starts_with_wake_word is slots.starts_with_wake_word
+    iot = [
+        r.text
+        for r in load_requests(shared_data / "slurp" / "devel.jsonl")
+        if r.in_domain
+    ]
+    assert sum(map(slots.starts_with_wake_word, iot)) == 12  # of 118: 10.2%
+    # "no" is no wake word: normalize("no " + text)[3:] is `text` with nothing dropped.
+    for text in iot:
+        assert slots.starts_with_wake_word(text) == (
+            normalize(text) != normalize(f"no {text}")[3:]
+        )
 
 
 def test_evaluation_slice_end_to_end(tmp_path, report):

@@ -12,7 +12,12 @@ from edgeslm.intent.registry import (
     names_of,
     registry_from_dict,
 )
-from edgeslm.intent.slots import SlotResolver, normalize, words_to_numbers
+from edgeslm.intent.slots import (
+    SlotResolver,
+    normalize,
+    starts_with_wake_word,
+    words_to_numbers,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / "firmware_bridge" / "examples" / "home.yaml"
@@ -155,6 +160,24 @@ def test_normalize_drops_wake_words_and_punctuation():
     assert normalize("olly dim it to 40%") == "dim it to 40 percent"
     assert normalize("hey google what's 2.5 times 3") == "what's 2.5 times 3"
     assert normalize("alexandra is here") == "alexandra is here"
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("hey olly turn on the lights", "turn on the lights"),
+        ("Hey, Olly: turn on the lights", "turn on the lights"),
+        ("ok google turn off the fan", "turn off the fan"),
+        ("OK Google, hey siri, dim it", "dim it"),
+        ("alexa turn on the lights", "turn on the lights"),
+        ("hey hey", "hey"),  # nothing but wake words: the last one stays
+        ("alexa", "alexa"),
+        ("hey olly", "olly"),
+    ],
+)
+def test_normalize_drops_every_leading_wake_word(text, want):
+    assert normalize(text) == want
+    assert starts_with_wake_word(text) is (want != " ".join(text.lower().split()))
 
 
 @pytest.mark.parametrize(

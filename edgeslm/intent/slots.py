@@ -2,7 +2,7 @@
 
 Used by the encoder and chat layers, which know the intent but not the slots. Text
 is normalized the way a speech recognizer writes it (lower case, no punctuation,
-numbers as words), a leading wake word is dropped, then:
+numbers as words), leading wake words are dropped ("hey olly ..."), then:
 
 - numbers written as words become digits ("forty five percent" -> 45);
 - device names, areas and floors are found by fuzzy matching word n-grams against
@@ -42,6 +42,9 @@ WAKE_WORDS = (
     "cortana",
     "assistant",
     "hey",
+)
+_WAKE_WORDS_LONGEST_FIRST = sorted(
+    (w.split() for w in WAKE_WORDS), key=len, reverse=True
 )
 _UNITS = {
     "zero": 0,
@@ -175,15 +178,46 @@ _UP = re.compile(
 
 
 def normalize(text: str) -> str:
-    """Lower case, punctuation dropped (but % kept), leading wake word removed."""
+    """Lower case, punctuation dropped (but % kept), leading wake words removed."""
+    return strip_wake_words(_spoken_form(text))
+
+
+def _spoken_form(text: str) -> str:
+    """Lower case, punctuation dropped (but % kept), spaces collapsed."""
     text = text.casefold().replace("%", " percent ")
     text = re.sub(r"[^\w\s'.-]", " ", text)
     text = re.sub(r"(?<!\d)[.-]|[.-](?!\d)", " ", text)
-    text = " ".join(text.split())
-    for wake in WAKE_WORDS:
-        if text == wake or text.startswith(wake + " "):
-            return text[len(wake) :].strip()
-    return text
+    return " ".join(text.split())
+
+
+def strip_wake_words(text: str) -> str:
+    """`text` (lower case, no punctuation) without its leading wake words.
+
+    Wake words are dropped one after another, the longest first, as long as words
+    follow them: "hey olly turn on the lights" -> "turn on the lights". A text of
+    nothing but wake words keeps its last one ("hey hey" -> "hey"), so a text is
+    never emptied here.
+    """
+    words = text.split()
+    while True:
+        n = _wake_word_length(words)
+        if n == 0 or n >= len(words):
+            return " ".join(words)
+        words = words[n:]
+
+
+def _wake_word_length(words: list[str]) -> int:
+    """Number of words of the wake word that starts `words` (0 if none)."""
+    for wake in _WAKE_WORDS_LONGEST_FIRST:
+        if words[: len(wake)] == wake:
+            return len(wake)
+    return 0
+
+
+def starts_with_wake_word(text: str) -> bool:
+    """Whether `normalize` drops a wake word from `text` (the one definition)."""
+    spoken = _spoken_form(text)
+    return strip_wake_words(spoken) != spoken
 
 
 def words_to_numbers(text: str) -> str:

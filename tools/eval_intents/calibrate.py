@@ -14,11 +14,12 @@ sweep then replays the decision for every threshold, so it costs one pass. The
 chat model is asked once for every request whose probability falls in the
 widest band considered (`CHAT_FLOOR` up to the threshold).
 
-Rule (docs/INTENTS.md): the encoder threshold is the lowest at which no
-out-of-domain request changes a device's state, in either context, taking the
-one with the best in-domain accuracy among those; the chat floor is the lowest
-that adds no false activation and more right answers than wrong ones (else the
-band is empty and the chat model is never asked).
+Rule (docs/INTENTS.md): among the thresholds at which no out-of-domain request
+changes a device's state, in either context, the encoder threshold is the one
+with the best in-domain accuracy (the lowest of those on a tie; all thresholds
+compete if none is safe); the chat floor is the lowest that adds no false
+activation, at least one right answer, and at least as many right answers as
+wrong ones (else the band is empty and the chat model is never asked).
 """
 
 from __future__ import annotations

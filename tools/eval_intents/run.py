@@ -39,10 +39,11 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO)]
 
 from ha_suite import Case, load_cases, slots_match  # noqa: E402
-from slurp import Request, load_requests, starts_with_wake_word  # noqa: E402
+from slurp import Request, load_requests  # noqa: E402
 
 from edgeslm.intent.recognizer import STATE_CHANGING, IntentRecognizer  # noqa: E402
 from edgeslm.intent.registry import Registry, load_registry  # noqa: E402
+from edgeslm.intent.slots import starts_with_wake_word  # noqa: E402
 from edgeslm.intent.templates import NameFilter, ha_intents, slot_lists  # noqa: E402
 
 log = logging.getLogger("eval_intents")
@@ -191,6 +192,7 @@ def eval_slurp(system, requests: list[Request]) -> dict[str, Any]:
             tally.confusion[(req.slurp_intent, intent or "none")] += 1
     out: dict[str, Any] = {
         "iot": tally.summary(),
+        # Requests whose wake word the recognizer drops (its own rule).
         "iot_wake_word_pct": round(
             100 * sum(starts_with_wake_word(r.text) for r in iot) / max(1, len(iot)), 1
         ),

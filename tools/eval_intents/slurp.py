@@ -2,7 +2,8 @@
 
 `iot` requests are mapped (docs/INTENTS.md has the table and the reasons); every
 other scenario is out of domain and must come back not recognized, or at least as
-nothing that changes a device's state.
+nothing that changes a device's state. Which requests start with a wake word is the
+recognizer's rule (`edgeslm.intent.slots.starts_with_wake_word`), not defined here.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ MAPPING: dict[str, tuple[str, ...]] = {
 # A dim/brighten request that names an amount ("dim the lights to 20%") is also
 # served correctly by setting the brightness.
 RELATIVE = ("iot_hue_lightdim", "iot_hue_lightup", "hue_lightup", "hue_lightdim")
-WAKE_WORDS = ("alexa", "olly")
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,3 @@ def load_requests(path: Path) -> list[Request]:
         else:
             out.append(Request(row["sentence"], intent, False, ()))
     return out
-
-
-def starts_with_wake_word(text: str) -> bool:
-    first = text.split()[0].casefold() if text.split() else ""
-    return first in WAKE_WORDS
