@@ -2,19 +2,21 @@
 
 A `Constraint` says what shape the output must have: a JSON schema, a regular
 expression, one of a fixed list of strings, or a Lark grammar. `GrammarEngine` holds
-llguidance's view of one model's tokenizer (built once per tokenizer and cached, it
-takes about a second) and compiles constraints into `Guide`s. A `Guide` follows one
-generation: before each step it writes the packed bitmask of allowed tokens (the
-layout the sampler takes, see docs/SAMPLING.md) into a buffer the C sampler reads,
-it consumes the chosen token, and it reports when the output is complete. It also
-offers the tokens the grammar forces (`{"name": "` after a choice of key), which
-the generate loop feeds to the model in one step instead of sampling them.
+llguidance's view of one model's tokenizer (built once per tokenizer and cached;
+0.4-0.8 s for SmolLM2's) and compiles constraints into `Guide`s. A `Guide` follows
+one generation: before each step it writes the packed bitmask of allowed tokens
+(the layout the sampler takes, see docs/SAMPLING.md) into a buffer the C sampler
+reads, it consumes the chosen token, and it reports when the output is complete. It
+also offers the tokens the grammar forces (`{"name": "` after a choice of key),
+which the generate loop feeds to the model in one step instead of sampling them.
 
-The engine is llguidance (the grammar engine llama.cpp and onnxruntime-genai use):
-this module writes no parser of its own. A `Constraint` is checked by the engine
-when it is made, before any model is involved, and llguidance's error messages
-become `ConstraintError` / `UnsupportedSchemaError`, which name the offending
-feature, where it sits in the schema, and what to write instead (docs/STRUCTURED.md).
+The engine is llguidance (the grammar engine llama.cpp and onnxruntime-genai use),
+an optional dependency that the `structured` extra installs; without it, making a
+constraint raises `ConstraintError`. This module writes no parser of its own. A
+`Constraint` is checked by the engine when it is made, before any model is
+involved, and llguidance's error messages become `ConstraintError` /
+`UnsupportedSchemaError`, which name the offending feature, where it sits in the
+schema, and what to write instead (docs/STRUCTURED.md).
 
 Does not do yet: several constraints in sequence (free text, then JSON); token
 healing of the prompt's last token (the prompt is taken as it is).
@@ -29,8 +31,9 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +110,9 @@ class Constraint:
         the schema's order. An object schema with `properties` but no
         `additionalProperties` gets no other keys (the output still validates
         against the schema as given); write `"additionalProperties": true` to allow
-        them. `{"type": "object"}` accepts any JSON object.
+        them. Combined with other parts (`allOf`, `anyOf`, `oneOf`, `$ref`), it
+        gets the keys that any part combined with it declares. `{"type": "object"}`
+        accepts any JSON object.
 
         Raises:
             ConstraintError: the schema is not a JSON object (or boolean).
@@ -191,45 +196,199 @@ class Constraint:
 
 # Keywords whose values are data, not schemas: never rewritten.
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "x-guidance"})
-# Keywords that combine their members with the object they sit in.
-_MERGING_KEYWORDS = ("allOf", "$ref", "anyOf", "oneOf")
+# Keywords whose members are one more part of the object they sit in.
+_PARTS = ("allOf", "$ref", "anyOf", "oneOf")
+# Keywords that may require keys the schema does not list by name.
+_REQUIRES_UNLISTED = ("minProperties", "enum", "const")
+# ... or allow them.
+_UNLISTED_KEYS = ("patternProperties", *_REQUIRES_UNLISTED)
+# Passes over a schema before contexts through $ref settle (one per level of $ref
+# nesting; schemas from pydantic need two or three).
+_MAX_PASSES = 16
 
 
-def _closed_objects(schema: Any, closable: bool = True) -> Any:
+class _Unresolvable(Exception):
+    """A $ref the closer cannot follow (an anchor, an $id, another document)."""
+
+
+def _closed_objects(schema: Any) -> Any:
     """A copy of `schema` where objects with `properties` but no
     `additionalProperties` allow no other keys.
 
     JSON Schema lets such objects carry any extra key, and a small model, steered
     only by the mask, fills them with keys copied from the prompt until max_tokens.
-    Members of `allOf` and objects merged with siblings are left open: closing one
-    side of an intersection would forbid the other side's properties.
+    An object combined with other parts (members of `allOf`, branches of `anyOf` /
+    `oneOf`, a `$ref` target beside other keywords) is closed to the keys that it
+    and every part it is combined with declare (`properties` or `required`), so
+    the combination keeps all of them; closing each part to its own keys would
+    forbid the others'. A part that allows unlisted keys (`additionalProperties`
+    other than false, `patternProperties`, `minProperties`, `enum`, `const`) leaves
+    the parts combined with it open. Closing only ever removes values, so the
+    output still validates against `schema`.
+
+    A schema whose $ref the closer cannot follow is returned unchanged.
     """
-    if isinstance(schema, list):
-        return [_closed_objects(item, closable) for item in schema]
     if not isinstance(schema, Mapping):
         return schema
-    out = {}
-    for key, value in schema.items():
-        if key in _DATA_KEYWORDS:
-            out[key] = value
-        elif key == "allOf" and isinstance(value, list):
-            out[key] = [_closed_objects(member, False) for member in value]
-        elif key in ("properties", "patternProperties", "$defs", "definitions"):
-            out[key] = (
-                {k: _closed_objects(v) for k, v in value.items()}
-                if isinstance(value, Mapping)
-                else value
-            )
-        else:
-            out[key] = _closed_objects(value)
-    if (
-        closable
-        and "properties" in out
-        and "additionalProperties" not in out
-        and not any(k in out for k in _MERGING_KEYWORDS)
-    ):
-        out["additionalProperties"] = False
+    contexts: dict[str, dict | None] = {}
+    try:
+        for _ in range(_MAX_PASSES):
+            closer = _Closer(schema, contexts)
+            out = closer.walk(schema, "", {})
+            if closer.ref_contexts == contexts:
+                return out
+            contexts = closer.ref_contexts
+    except _Unresolvable as exc:
+        log.debug("objects left open: cannot follow $ref %s", exc)
+    return schema
+
+
+def _union(a: dict | None, b: dict | None) -> dict | None:
+    """Union of two ordered key sets (dicts); None (any key) absorbs."""
+    return None if a is None or b is None else {**a, **b}
+
+
+def _union_all(sets: Iterable[dict | None]) -> dict | None:
+    """Union of any number of key sets (`_union`)."""
+    out: dict | None = {}
+    for keys in sets:
+        out = _union(out, keys)
     return out
+
+
+def _declared(node: Mapping[str, Any]) -> dict:
+    """The keys `node` names: its properties, then its required keys."""
+    props = node.get("properties")
+    keys = list(props) if isinstance(props, Mapping) else []
+    required = node.get("required")
+    if isinstance(required, list):
+        keys += [k for k in required if isinstance(k, str)]
+    return dict.fromkeys(keys)
+
+
+class _Closer:
+    """One pass of `_closed_objects` over a schema document.
+
+    The context of a subschema is the set of keys that the parts it is combined
+    with declare (None: any key). Contexts reach `$ref` targets through the
+    references, so a pass uses those the previous pass found, in `contexts`.
+    """
+
+    def __init__(self, root: Mapping[str, Any], contexts: dict) -> None:
+        self.root = root
+        self.contexts = contexts
+        self.ref_contexts: dict[str, dict | None] = {}  # found by this pass
+
+    def walk(self, value: Any, ptr: str, context: dict | None) -> Any:
+        """The closed copy of `value`, the subschema at pointer `ptr`."""
+        if isinstance(value, list):
+            return [self.walk(v, f"{ptr}/{i}", {}) for i, v in enumerate(value)]
+        if not isinstance(value, Mapping):
+            return value
+        if "$id" in value and ptr:  # refs below resolve against another base
+            raise _Unresolvable(f"under the $id at {ptr}")
+        context = _union(context, self.contexts.get(ptr, {}))
+        out = {}
+        for key, sub in value.items():
+            here = f"{ptr}/{_escape(key)}"
+            if key in _DATA_KEYWORDS:
+                out[key] = sub
+            elif key in ("allOf", "anyOf", "oneOf") and isinstance(sub, list):
+                inner = self.member_contexts(value, key, context)
+                out[key] = [
+                    self.walk(m, f"{here}/{i}", c)
+                    for i, (m, c) in enumerate(zip(sub, inner, strict=True))
+                ]
+            elif key in _NAMED_SCHEMAS and isinstance(sub, Mapping):
+                out[key] = {
+                    k: self.walk(v, f"{here}/{_escape(k)}", {}) for k, v in sub.items()
+                }
+            else:
+                out[key] = self.walk(sub, here, {})
+        if "$ref" in value:
+            target, _ = self.resolve(value["$ref"])
+            seen = _union(context, self.keys(value, skip="$ref"))
+            self.ref_contexts[target] = _union(self.ref_contexts.get(target, {}), seen)
+        self.close(value, out, context)
+        return out
+
+    def member_contexts(
+        self, node: Mapping[str, Any], keyword: str, context: dict | None
+    ) -> list[dict | None]:
+        """The context of each member of `node[keyword]` (allOf, anyOf, oneOf):
+        `node`'s own, and the keys of `node` and its other parts. Branches of
+        anyOf / oneOf are alternatives, not combined with each other."""
+        members = node[keyword]
+        outer = _union(context, self.keys(node, skip=keyword))
+        if keyword != "allOf":
+            return [outer] * len(members)
+        keys = [self.keys(m) for m in members]
+        return [
+            _union(outer, _union_all(k for j, k in enumerate(keys) if j != i))
+            for i in range(len(members))
+        ]
+
+    def close(self, node: Mapping[str, Any], out: dict, context: dict | None) -> None:
+        """Close `out` (the copy of `node`) to the keys of its whole combination."""
+        props = out.get("properties")
+        if not isinstance(props, Mapping) or "additionalProperties" in node:
+            return
+        if any(k in node for k in _REQUIRES_UNLISTED):
+            return
+        allowed = _union(_union(context, _declared(node)), self.keys(node, own=False))
+        if allowed is None:
+            return
+        out["properties"] = {**props, **{k: {} for k in allowed if k not in props}}
+        out["additionalProperties"] = False
+
+    def keys(
+        self,
+        node: Any,
+        skip: str = "",
+        own: bool = True,
+        seen: frozenset = frozenset(),
+    ) -> dict | None:
+        """The keys an object valid against `node` may need: those `node` and its
+        parts declare (`node`'s own only if `own`; not through the `skip`
+        keyword). None when a part allows keys it does not list."""
+        if not isinstance(node, Mapping) or id(node) in seen:
+            return {}
+        extra = node.get("additionalProperties", False) is not False
+        if own and (extra or any(k in node for k in _UNLISTED_KEYS)):
+            return None
+        found = _declared(node) if own else {}
+        seen = seen | {id(node)}
+        for keyword in _PARTS:
+            if keyword == skip or keyword not in node:
+                continue
+            for part in self.parts(node, keyword):
+                found = _union(found, self.keys(part, seen=seen))
+        return found
+
+    def parts(self, node: Mapping[str, Any], keyword: str) -> list:
+        """The subschemas `node[keyword]` combines with `node`."""
+        if keyword == "$ref":
+            return [self.resolve(node["$ref"])[1]]
+        members = node[keyword]
+        return members if isinstance(members, list) else []
+
+    def resolve(self, ref: Any) -> tuple[str, Any]:
+        """(JSON pointer, subschema) of a local `$ref` ("#/$defs/Room")."""
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise _Unresolvable(repr(ref))
+        tokens = [
+            t.replace("~1", "/").replace("~0", "~")
+            for t in urllib.parse.unquote(ref[1:]).split("/")[1:]
+        ]
+        node = self.root
+        for token in tokens:
+            if isinstance(node, Mapping) and token in node:
+                node = node[token]
+            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+                node = node[int(token)]
+            else:
+                raise _Unresolvable(repr(ref))
+        return "".join(f"/{_escape(t)}" for t in tokens), node
 
 
 def lark_json(schema: Mapping[str, Any]) -> str:
@@ -654,8 +813,10 @@ def _preview(text: str, n: int = 60) -> str:
 def _llguidance() -> Any:
     try:
         import llguidance
-    except ImportError as exc:  # a runtime dependency, but say what to do
+    except ImportError as exc:  # optional: the "structured" extra
         raise ConstraintError(
-            "structured output needs the llguidance package: pip install llguidance"
+            "structured output needs the llguidance package, which the "
+            '"structured" extra installs: pip install "edgeslm[structured]" '
+            "(or pip install llguidance)"
         ) from exc
     return llguidance

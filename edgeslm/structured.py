@@ -30,8 +30,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeslm.constraints import Constraint, StructuredGeneration, lark_json
-from edgeslm.errors import ConstraintError
+from edgeslm.constraints import (
+    _DATA_KEYWORDS,
+    Constraint,
+    StructuredGeneration,
+    _escape,
+    lark_json,
+)
+from edgeslm.errors import ConstraintError, UnsupportedSchemaError
 
 log = logging.getLogger(__name__)
 
@@ -455,33 +461,86 @@ def _calls_as_text(message: Mapping[str, Any], fmt: ToolCallFormat) -> dict:
 def _tool_grammar(
     model: Any, tools: list[Tool], tool_choice: str, fmt: ToolCallFormat
 ) -> Constraint:
-    """Lark grammar: one call in `fmt` with a tool's JSON, or plain text."""
-    call_schema = {
-        "anyOf": [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": t.name},
-                    fmt.arguments_key: dict(t.parameters),
-                },
-                "required": ["name", fmt.arguments_key],
-            }
-            for t in tools
-        ]
-    }
+    """Lark grammar: one call in `fmt` with a tool's JSON, or plain text.
+
+    Raises:
+        ConstraintError / UnsupportedSchemaError: a tool's parameters cannot be
+            used (the message names the tool and where in its parameters).
+    """
     # A plain answer must not start like a call (nor with whitespace).
     first = (fmt.prefix.strip() or "{")[0]
     answer = f"answer: /[^{re.escape(first)}\\s](.|\\n)*/"
+    if tool_choice == "none":
+        return Constraint.lark(f"start: answer\n{answer}")
+    call_schema: dict[str, Any] = {
+        "anyOf": [_call_schema(t, fmt, f"/anyOf/{i}") for i, t in enumerate(tools)]
+    }
+    # Engine options apply to a whole JSON document: those of any tool, to all.
+    options = [t.parameters.get("x-guidance") for t in tools]
+    options = [o for o in options if isinstance(o, Mapping)]
+    if options:
+        call_schema["x-guidance"] = {k: v for o in options for k, v in o.items()}
     call = (
         f"call: {_lark_text(model, fmt.prefix)} call_json "
         f"{_lark_text(model, fmt.suffix)}\n"
         f"call_json: {lark_json(call_schema)}"
     )
-    if tool_choice == "none":
-        return Constraint.lark(f"start: answer\n{answer}")
     if tool_choice == "auto":
         return Constraint.lark(f"start: call | answer\n{call}\n{answer}")
     return Constraint.lark(f"start: call\n{call}")
+
+
+def _call_schema(tool: Tool, fmt: ToolCallFormat, ptr: str) -> dict[str, Any]:
+    """The JSON schema of a call of `tool`, for the place `ptr` of the grammar's.
+
+    The parameters are checked on their own first, so that an error points into
+    them as for `json_schema=`. Nested in the call, their local `$ref`s
+    (`#/$defs/Room`, as pydantic writes them) are rewritten to point into their
+    new place; a top-level `$id` would change what those resolve against, so it
+    goes (with `$schema`: both describe a document, not a nested schema).
+
+    Raises:
+        ConstraintError / UnsupportedSchemaError: the parameters cannot be used.
+    """
+    try:
+        Constraint.json_schema(tool.parameters)
+    except UnsupportedSchemaError as exc:
+        raise UnsupportedSchemaError(_tool_error(tool, exc), exc.features) from exc
+    except ConstraintError as exc:
+        raise ConstraintError(_tool_error(tool, exc)) from exc
+    key = fmt.arguments_key
+    params = {k: v for k, v in tool.parameters.items() if k not in ("$id", "$schema")}
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": tool.name},
+            key: _rerooted(params, f"{ptr}/properties/{_escape(key)}"),
+        },
+        "required": ["name", key],
+    }
+
+
+def _tool_error(tool: Tool, exc: ConstraintError) -> str:
+    """`exc`'s message (about a json_schema) said of `tool`'s parameters."""
+    return f"tool {tool.name!r}: parameters {str(exc).removeprefix('json_schema ')}"
+
+
+def _rerooted(value: Any, base: str) -> Any:
+    """A copy of `value` whose local `$ref`s ("#/...") point under `base`."""
+    if isinstance(value, list):
+        return [_rerooted(item, base) for item in value]
+    if not isinstance(value, Mapping):
+        return value
+    out = {}
+    for key, sub in value.items():
+        local = isinstance(sub, str) and (sub == "#" or sub.startswith("#/"))
+        if key == "$ref" and local:
+            out[key] = f"#{base}{sub[1:]}"
+        elif key in _DATA_KEYWORDS:
+            out[key] = sub
+        else:
+            out[key] = _rerooted(sub, base)
+    return out
 
 
 def _lark_text(model: Any, text: str) -> str:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -411,6 +412,161 @@ def test_real_masks_keep_random_logits_valid_sentencepiece(tiny):
         tokens, complete = random_walk(engine, constraint, rng, "c")
         text = tiny.tokenizer.decode(tokens)
         assert complete and valid(text), (name, text)
+
+
+# --- closed objects: a combined schema keeps the keys of all its parts --------------
+
+BASE = {
+    "type": "object",
+    "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["id"],
+}
+SWITCH = {
+    "type": "object",
+    "properties": {"on": {"type": "boolean"}},
+    "required": ["on"],
+}
+NAME = {"type": "string", "maxLength": 8}
+COMBINED = [
+    # (name, schema, valid values with the keys of every part of the combination)
+    (
+        "anyOf beside properties",
+        {
+            "type": "object",
+            "properties": {"a": NAME},
+            "required": ["a"],
+            "anyOf": [{"properties": {"b": {"enum": [1, 2]}}, "required": ["b"]}],
+        },
+        [{"a": "x", "b": 1}],
+    ),
+    (
+        "$ref beside properties",
+        {
+            "$defs": {"Base": BASE},
+            "$ref": "#/$defs/Base",
+            "properties": {"name": NAME},
+            "required": ["name"],
+        },
+        [{"id": 1, "name": "x"}],
+    ),
+    (
+        "$ref and properties in anyOf branches beside properties",
+        {
+            "$defs": {"Switch": SWITCH},
+            "type": "object",
+            "properties": {"room": {"enum": ["hall", "kitchen"]}},
+            "required": ["room"],
+            "anyOf": [
+                {"$ref": "#/$defs/Switch"},
+                {"properties": {"level": {"enum": [1, 2]}}, "required": ["level"]},
+            ],
+        },
+        [{"room": "hall", "on": True}, {"room": "hall", "level": 2}],
+    ),
+    (
+        "allOf of two objects",
+        {"allOf": [SWITCH, {"properties": {"b": {"enum": [1]}}, "required": ["b"]}]},
+        [{"on": True, "b": 1}],
+    ),
+    (
+        "anyOf inside one allOf member, properties in the other",
+        {
+            "allOf": [
+                {"anyOf": [SWITCH]},
+                {"properties": {"room": {"enum": ["hall"]}}, "required": ["room"]},
+            ]
+        },
+        [{"on": False, "room": "hall"}],
+    ),
+    (
+        "a $defs object used alone and as the base of another",
+        {
+            "$defs": {"Base": BASE},
+            "type": "object",
+            "properties": {
+                "plain": {"$ref": "#/$defs/Base"},
+                "named": {
+                    "$ref": "#/$defs/Base",
+                    "properties": {"name": NAME},
+                    "required": ["name"],
+                },
+            },
+            "required": ["plain", "named"],
+        },
+        [{"plain": {"id": 1}, "named": {"id": 2, "name": "x"}}],
+    ),
+]
+
+
+# A required key that no properties describe: any JSON value, so no random walk.
+REQUIRED_ONLY = (
+    "a required key without a property",
+    {"type": "object", "properties": {"a": NAME}, "required": ["a", "b"]},
+    [{"a": "x", "b": 1}],
+)
+
+
+def key_orders(value: dict) -> list[str]:
+    """`value` as compact JSON, once per order of its top-level keys."""
+    return [
+        json.dumps({k: value[k] for k in keys})
+        for keys in itertools.permutations(value)
+    ]
+
+
+def accepts(smollm2_engine, constraint: Constraint, text: str) -> bool:
+    """Whether a guide for `constraint` takes the tokens of `text` as a whole answer."""
+    engine, tokenizer = smollm2_engine
+    guide = engine.compile(constraint)
+    try:
+        guide.advance(tokenizer.encode(text))
+    except ConstraintError:
+        return False
+    return guide.complete
+
+
+@pytest.mark.parametrize(
+    "schema,values",
+    [c[1:] for c in (*COMBINED, REQUIRED_ONLY)],
+    ids=[c[0] for c in (*COMBINED, REQUIRED_ONLY)],
+)
+def test_combined_objects_accept_the_keys_of_every_part(smollm2_engine, schema, values):
+    constraint = Constraint.json_schema(schema)  # no "accepts no value"
+    for value in values:
+        jsonschema.validate(value, schema)
+        assert any(accepts(smollm2_engine, constraint, t) for t in key_orders(value))
+        # Still closed: a key that no part declares is refused.
+        extra = {**value, "zz": 1}
+        assert not any(
+            accepts(smollm2_engine, constraint, t) for t in key_orders(extra)
+        )
+
+
+def test_a_part_that_allows_unlisted_keys_keeps_its_combination_open(
+    smollm2_engine,
+):
+    pattern = {"patternProperties": {"^x_": {"enum": [1]}}}
+    extra = {"properties": {"a": {}}, "additionalProperties": {"enum": [1]}}
+    for part in (pattern, extra):
+        schema = {"properties": {"a": {"enum": [0]}}, "required": ["a"]}
+        schema["allOf"] = [part]
+        jsonschema.validate({"a": 0, "x_1": 1}, schema)
+        constraint = Constraint.json_schema(schema)
+        assert accepts(smollm2_engine, constraint, '{"a": 0, "x_1": 1}'), part
+
+
+@pytest.mark.parametrize(
+    "schema,values", [c[1:] for c in COMBINED], ids=[c[0] for c in COMBINED]
+)
+def test_combined_objects_random_walks_validate(smollm2_engine, schema, values):
+    engine, tokenizer = smollm2_engine
+    constraint = Constraint.json_schema(schema)
+    rng = np.random.default_rng(31)
+    for backend in ("c", "numpy", "c"):
+        tokens, complete = random_walk(engine, constraint, rng, backend)
+        text = tokenizer.decode(tokens)
+        assert complete, text
+        jsonschema.validate(json.loads(text), schema)
 
 
 # --- the generate loop on a random-weight model -------------------------------------

@@ -136,10 +136,18 @@ def test_choose_is_sensible_on_clear_cases(model):
 
 
 def test_extract_returns_python_objects(model):
-    schema = load("schemas.json")["schemas"][0]["schema"]
-    value = model.extract("Turn off the bedroom light.", schema)
-    jsonschema.validate(value, schema, format_checker=FORMATS)
-    assert value["device"] == "light"
+    schemas = {e["name"]: e["schema"] for e in load("schemas.json")["schemas"]}
+    # Every field is the model's to write: a string, an integer, a boolean.
+    review = model.extract("Door sensor works perfectly. 5/5.", schemas["review"])
+    jsonschema.validate(review, schemas["review"], format_checker=FORMATS)
+    assert isinstance(review["product"], str) and review["product"]
+    assert type(review["stars"]) is int and 1 <= review["stars"] <= 5  # not bool
+    assert type(review["recommend"]) is bool
+    # An array of objects comes back as a list of dicts with int quantities.
+    order = model.extract("Order 3 bags of rice.", schemas["order"])
+    jsonschema.validate(order, schemas["order"], format_checker=FORMATS)
+    assert isinstance(order["items"], list) and order["items"]
+    assert all(type(item["quantity"]) is int for item in order["items"])
 
 
 def test_tool_call_required_is_validated(model):
@@ -354,6 +362,67 @@ def test_tool_call_errors(model):
     }
     with pytest.raises(ConstraintError, match="arguments are not JSON"):
         model.tool_call([{"role": "user", "content": "x"}, broken], [LIGHT])
+
+
+# Parameters as pydantic writes them: the models under $defs, fields as $refs.
+PYDANTIC_LIGHTS = {
+    "name": "set_lights",
+    "description": "Switch the light of a room on or off",
+    "parameters": {
+        "$defs": {
+            "Room": {
+                "enum": ["kitchen", "bedroom", "hall"],
+                "title": "Room",
+                "type": "string",
+            },
+            "Light": {
+                "properties": {
+                    "room": {"$ref": "#/$defs/Room"},
+                    "on": {"title": "On", "type": "boolean"},
+                },
+                "required": ["room", "on"],
+                "title": "Light",
+                "type": "object",
+            },
+        },
+        "properties": {"light": {"$ref": "#/$defs/Light"}},
+        "required": ["light"],
+        "title": "SetLights",
+        "type": "object",
+    },
+}
+
+
+def test_tool_parameters_with_defs_work_as_they_do_for_json_schema(model):
+    params = PYDANTIC_LIGHTS["parameters"]
+    messages = [{"role": "user", "content": "Turn off the bedroom light."}]
+    gen = model.chat(messages, json_schema=params, max_tokens=MAX_TOKENS)
+    jsonschema.validate(gen.value(), params)
+    # The same schema as tool parameters, in both places the arguments go.
+    for call_format in ("hermes", "llama3-json"):
+        response = model.tool_call(
+            "Turn off the bedroom light.",
+            [WEATHER, PYDANTIC_LIGHTS],
+            tool_choice="set_lights",
+            call_format=call_format,
+        )
+        assert response.call.name == "set_lights", response.text
+        jsonschema.validate(response.call.arguments, params)
+
+
+def test_tool_parameter_errors_say_which_tool_and_where(model):
+    from edgeslm.errors import ConstraintError, UnsupportedSchemaError
+
+    tags = {"type": "array", "uniqueItems": True}
+    bad = dict(LIGHT, parameters={"type": "object", "properties": {"tags": tags}})
+    with pytest.raises(UnsupportedSchemaError) as info:
+        model.tool_call("x", [WEATHER, bad], tool_choice="required")
+    assert info.value.features == ("uniqueItems",)
+    message = str(info.value)
+    assert "tool 'set_light'" in message and "/properties/tags/uniqueItems" in message
+    empty = dict(LIGHT, parameters={"type": "integer", "minimum": 3, "maximum": 1})
+    with pytest.raises(ConstraintError, match="tool 'set_light': parameters accepts"):
+        model.tool_call("x", [empty], tool_choice="required")
 
 
 def test_grammar_engine_is_built_once(model):
