@@ -31,9 +31,8 @@ import logging
 import re
 import threading
 import time
-import urllib.parse
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +45,12 @@ from edgeslm.errors import (
 )
 from edgeslm.generation import Generation
 from edgeslm.sampling import mask_words
+from edgeslm.schema_closing import (
+    DATA_KEYWORDS,
+    NAMED_SCHEMAS,
+    closed_objects,
+    escape_pointer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +142,7 @@ class Constraint:
         llg = _llguidance()
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(
-                _closed_objects(schema), defaults=JSON_DEFAULTS
+                closed_objects(schema), defaults=JSON_DEFAULTS
             )
         except (ValueError, TypeError) as exc:  # not JSON-serializable
             raise ConstraintError(f"json_schema cannot be serialized: {exc}") from exc
@@ -194,207 +199,10 @@ class Constraint:
         return cls("grammar", text, _llguidance().LLMatcher.grammar_from_lark(text))
 
 
-# Keywords whose values are data, not schemas: never rewritten.
-_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "x-guidance"})
-# Keywords whose members are one more part of the object they sit in.
-_PARTS = ("allOf", "$ref", "anyOf", "oneOf")
-# Keywords that may require keys the schema does not list by name.
-_REQUIRES_UNLISTED = ("minProperties", "enum", "const")
-# ... or allow them.
-_UNLISTED_KEYS = ("patternProperties", *_REQUIRES_UNLISTED)
-# Passes over a schema before contexts through $ref settle (one per level of $ref
-# nesting; schemas from pydantic need two or three).
-_MAX_PASSES = 16
-
-
-class _Unresolvable(Exception):
-    """A $ref the closer cannot follow (an anchor, an $id, another document)."""
-
-
-def _closed_objects(schema: Any) -> Any:
-    """A copy of `schema` where objects with `properties` but no
-    `additionalProperties` allow no other keys.
-
-    JSON Schema lets such objects carry any extra key, and a small model, steered
-    only by the mask, fills them with keys copied from the prompt until max_tokens.
-    An object combined with other parts (members of `allOf`, branches of `anyOf` /
-    `oneOf`, a `$ref` target beside other keywords) is closed to the keys that it
-    and every part it is combined with declare (`properties` or `required`), so
-    the combination keeps all of them; closing each part to its own keys would
-    forbid the others'. A part that allows unlisted keys (`additionalProperties`
-    other than false, `patternProperties`, `minProperties`, `enum`, `const`) leaves
-    the parts combined with it open. Closing only ever removes values, so the
-    output still validates against `schema`.
-
-    A schema whose $ref the closer cannot follow is returned unchanged.
-    """
-    if not isinstance(schema, Mapping):
-        return schema
-    contexts: dict[str, dict | None] = {}
-    try:
-        for _ in range(_MAX_PASSES):
-            closer = _Closer(schema, contexts)
-            out = closer.walk(schema, "", {})
-            if closer.ref_contexts == contexts:
-                return out
-            contexts = closer.ref_contexts
-    except _Unresolvable as exc:
-        log.debug("objects left open: cannot follow $ref %s", exc)
-    return schema
-
-
-def _union(a: dict | None, b: dict | None) -> dict | None:
-    """Union of two ordered key sets (dicts); None (any key) absorbs."""
-    return None if a is None or b is None else {**a, **b}
-
-
-def _union_all(sets: Iterable[dict | None]) -> dict | None:
-    """Union of any number of key sets (`_union`)."""
-    out: dict | None = {}
-    for keys in sets:
-        out = _union(out, keys)
-    return out
-
-
-def _declared(node: Mapping[str, Any]) -> dict:
-    """The keys `node` names: its properties, then its required keys."""
-    props = node.get("properties")
-    keys = list(props) if isinstance(props, Mapping) else []
-    required = node.get("required")
-    if isinstance(required, list):
-        keys += [k for k in required if isinstance(k, str)]
-    return dict.fromkeys(keys)
-
-
-class _Closer:
-    """One pass of `_closed_objects` over a schema document.
-
-    The context of a subschema is the set of keys that the parts it is combined
-    with declare (None: any key). Contexts reach `$ref` targets through the
-    references, so a pass uses those the previous pass found, in `contexts`.
-    """
-
-    def __init__(self, root: Mapping[str, Any], contexts: dict) -> None:
-        self.root = root
-        self.contexts = contexts
-        self.ref_contexts: dict[str, dict | None] = {}  # found by this pass
-
-    def walk(self, value: Any, ptr: str, context: dict | None) -> Any:
-        """The closed copy of `value`, the subschema at pointer `ptr`."""
-        if isinstance(value, list):
-            return [self.walk(v, f"{ptr}/{i}", {}) for i, v in enumerate(value)]
-        if not isinstance(value, Mapping):
-            return value
-        if "$id" in value and ptr:  # refs below resolve against another base
-            raise _Unresolvable(f"under the $id at {ptr}")
-        context = _union(context, self.contexts.get(ptr, {}))
-        out = {}
-        for key, sub in value.items():
-            here = f"{ptr}/{_escape(key)}"
-            if key in _DATA_KEYWORDS:
-                out[key] = sub
-            elif key in ("allOf", "anyOf", "oneOf") and isinstance(sub, list):
-                inner = self.member_contexts(value, key, context)
-                out[key] = [
-                    self.walk(m, f"{here}/{i}", c)
-                    for i, (m, c) in enumerate(zip(sub, inner, strict=True))
-                ]
-            elif key in _NAMED_SCHEMAS and isinstance(sub, Mapping):
-                out[key] = {
-                    k: self.walk(v, f"{here}/{_escape(k)}", {}) for k, v in sub.items()
-                }
-            else:
-                out[key] = self.walk(sub, here, {})
-        if "$ref" in value:
-            target, _ = self.resolve(value["$ref"])
-            seen = _union(context, self.keys(value, skip="$ref"))
-            self.ref_contexts[target] = _union(self.ref_contexts.get(target, {}), seen)
-        self.close(value, out, context)
-        return out
-
-    def member_contexts(
-        self, node: Mapping[str, Any], keyword: str, context: dict | None
-    ) -> list[dict | None]:
-        """The context of each member of `node[keyword]` (allOf, anyOf, oneOf):
-        `node`'s own, and the keys of `node` and its other parts. Branches of
-        anyOf / oneOf are alternatives, not combined with each other."""
-        members = node[keyword]
-        outer = _union(context, self.keys(node, skip=keyword))
-        if keyword != "allOf":
-            return [outer] * len(members)
-        keys = [self.keys(m) for m in members]
-        return [
-            _union(outer, _union_all(k for j, k in enumerate(keys) if j != i))
-            for i in range(len(members))
-        ]
-
-    def close(self, node: Mapping[str, Any], out: dict, context: dict | None) -> None:
-        """Close `out` (the copy of `node`) to the keys of its whole combination."""
-        props = out.get("properties")
-        if not isinstance(props, Mapping) or "additionalProperties" in node:
-            return
-        if any(k in node for k in _REQUIRES_UNLISTED):
-            return
-        allowed = _union(_union(context, _declared(node)), self.keys(node, own=False))
-        if allowed is None:
-            return
-        out["properties"] = {**props, **{k: {} for k in allowed if k not in props}}
-        out["additionalProperties"] = False
-
-    def keys(
-        self,
-        node: Any,
-        skip: str = "",
-        own: bool = True,
-        seen: frozenset = frozenset(),
-    ) -> dict | None:
-        """The keys an object valid against `node` may need: those `node` and its
-        parts declare (`node`'s own only if `own`; not through the `skip`
-        keyword). None when a part allows keys it does not list."""
-        if not isinstance(node, Mapping) or id(node) in seen:
-            return {}
-        extra = node.get("additionalProperties", False) is not False
-        if own and (extra or any(k in node for k in _UNLISTED_KEYS)):
-            return None
-        found = _declared(node) if own else {}
-        seen = seen | {id(node)}
-        for keyword in _PARTS:
-            if keyword == skip or keyword not in node:
-                continue
-            for part in self.parts(node, keyword):
-                found = _union(found, self.keys(part, seen=seen))
-        return found
-
-    def parts(self, node: Mapping[str, Any], keyword: str) -> list:
-        """The subschemas `node[keyword]` combines with `node`."""
-        if keyword == "$ref":
-            return [self.resolve(node["$ref"])[1]]
-        members = node[keyword]
-        return members if isinstance(members, list) else []
-
-    def resolve(self, ref: Any) -> tuple[str, Any]:
-        """(JSON pointer, subschema) of a local `$ref` ("#/$defs/Room")."""
-        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
-            raise _Unresolvable(repr(ref))
-        tokens = [
-            t.replace("~1", "/").replace("~0", "~")
-            for t in urllib.parse.unquote(ref[1:]).split("/")[1:]
-        ]
-        node = self.root
-        for token in tokens:
-            if isinstance(node, Mapping) and token in node:
-                node = node[token]
-            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-                node = node[int(token)]
-            else:
-                raise _Unresolvable(repr(ref))
-        return "".join(f"/{_escape(t)}" for t in tokens), node
-
-
 def lark_json(schema: Mapping[str, Any]) -> str:
     """`%json {...}` for a Lark grammar, with the same conventions as
     `Constraint.json_schema` (compact separators, closed objects)."""
-    closed = _closed_objects(dict(schema))
+    closed = closed_objects(dict(schema))
     closed["x-guidance"] = {**JSON_DEFAULTS, **closed.get("x-guidance", {})}
     return "%json " + json.dumps(closed, ensure_ascii=False)
 
@@ -591,26 +399,17 @@ def _pointers(schema: Any, keyword: str, path: str = "") -> list[str]:
         ]
     if not isinstance(schema, Mapping):
         return []
-    found = [f"{path}/{_escape(keyword)}"] if keyword in schema else []
+    found = [f"{path}/{escape_pointer(keyword)}"] if keyword in schema else []
     for key, value in schema.items():
-        here = f"{path}/{_escape(key)}"
-        if key in _DATA_KEYWORDS:
+        here = f"{path}/{escape_pointer(key)}"
+        if key in DATA_KEYWORDS:
             continue
-        if key in _NAMED_SCHEMAS and isinstance(value, Mapping):
+        if key in NAMED_SCHEMAS and isinstance(value, Mapping):
             for name, sub in value.items():
-                found += _pointers(sub, keyword, f"{here}/{_escape(name)}")
+                found += _pointers(sub, keyword, f"{here}/{escape_pointer(name)}")
         else:
             found += _pointers(value, keyword, here)
     return found
-
-
-_NAMED_SCHEMAS = frozenset(
-    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-)
-
-
-def _escape(key: str) -> str:
-    return str(key).replace("~", "~0").replace("/", "~1")
 
 
 # --- the engine: one per tokenizer ------------------------------------------------

@@ -30,14 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeslm.constraints import (
-    _DATA_KEYWORDS,
-    Constraint,
-    StructuredGeneration,
-    _escape,
-    lark_json,
-)
+from edgeslm.constraints import Constraint, StructuredGeneration, lark_json
 from edgeslm.errors import ConstraintError, UnsupportedSchemaError
+from edgeslm.schema_closing import DATA_KEYWORDS, escape_pointer
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +509,7 @@ def _call_schema(tool: Tool, fmt: ToolCallFormat, ptr: str) -> dict[str, Any]:
         "type": "object",
         "properties": {
             "name": {"const": tool.name},
-            key: _rerooted(params, f"{ptr}/properties/{_escape(key)}"),
+            key: _rerooted(params, f"{ptr}/properties/{escape_pointer(key)}"),
         },
         "required": ["name", key],
     }
@@ -536,7 +531,7 @@ def _rerooted(value: Any, base: str) -> Any:
         local = isinstance(sub, str) and (sub == "#" or sub.startswith("#/"))
         if key == "$ref" and local:
             out[key] = f"#{base}{sub[1:]}"
-        elif key in _DATA_KEYWORDS:
+        elif key in DATA_KEYWORDS:
             out[key] = sub
         else:
             out[key] = _rerooted(sub, base)
