@@ -72,6 +72,13 @@ def _generated_training_set() -> set[str]:
     return set(training_set(registry, TemplateLayer(registry).intents).texts)
 
 
+def _american(text: str) -> str:
+    """`text` with the British spellings the examples use made American."""
+    for british, american in (("colour", "color"), ("favourite", "favorite")):
+        text = text.replace(british, american)
+    return text
+
+
 def test_no_evaluation_sentence_is_training_or_calibration_data(shared_data):
     train, held_out = _examples_and_calibration()
     evaluation = {
@@ -83,6 +90,11 @@ def test_no_evaluation_sentence_is_training_or_calibration_data(shared_data):
     assert not (train & evaluation), sorted(train & evaluation)[:10]
     assert not (held_out & evaluation), sorted(held_out & evaluation)[:10]
     assert not (train & held_out), sorted(train & held_out)[:10]
+    # A copy in the other spelling is still a copy ("colour" / SLURP's "color").
+    loose_eval = {_american(t) for t in evaluation}
+    for written in (train, held_out):
+        copies = {t for t in written if _american(t) in loose_eval}
+        assert not copies, sorted(copies)[:10]
     # The generated set (template samples + filled examples) may hold sentences
     # Home Assistant's templates also give its suite; never a calibration one.
     generated = _generated_training_set()
