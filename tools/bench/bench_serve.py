@@ -186,25 +186,30 @@ def messages_for(run: int, user_text: str) -> list[dict[str, str]]:
     ]
 
 
-class EdgeslmServer:
-    """`edgeslm serve` in a subprocess."""
+class _Server:
+    """An OpenAI-compatible server in a subprocess on a free port: started,
+    timed to its first healthy answer, asked for streamed greedy chats."""
 
-    name = "edgeslm serve"
+    name = ""
+    health_path = "/health"
+    # Request fields beyond the common ones (how each server ignores EOS, ...).
+    extra_fields: dict[str, Any] = {}
 
-    def __init__(self, package: Path, threads: int, n_ctx: int) -> None:
+    def __init__(self, threads: int) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "edgeslm", "serve", str(package)]
-        cmd += ["--port", str(self.port), "--threads", str(threads)]
-        cmd += ["--n-ctx", str(n_ctx), "--max-queue", "0"]
         started = time.monotonic()
         self.process = subprocess.Popen(
-            cmd,
+            self.command(threads),
             env=harness.worker_env(threads),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.startup_s = wait_http(self.port, "/health", self.process, 300) - started
+        ready = wait_http(self.port, self.health_path, self.process, 300)
+        self.startup_s = ready - started
+
+    def command(self, threads: int) -> list[str]:
+        raise NotImplementedError
 
     def body(self, messages: list[dict], max_tokens: int) -> dict[str, Any]:
         return {
@@ -213,7 +218,7 @@ class EdgeslmServer:
             "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True,
-            "ignore_eos": True,
+            **self.extra_fields,
         }
 
     def stop(self) -> None:
@@ -221,74 +226,70 @@ class EdgeslmServer:
         self.process.wait(30)
 
 
-class LlamaServer(EdgeslmServer):
+class EdgeslmServer(_Server):
+    """`edgeslm serve` in a subprocess."""
+
+    name = "edgeslm serve"
+    extra_fields = {"ignore_eos": True}
+
+    def __init__(self, package: Path, threads: int, n_ctx: int) -> None:
+        self.package, self.n_ctx = package, n_ctx
+        super().__init__(threads)
+
+    def command(self, threads: int) -> list[str]:
+        cmd = [sys.executable, "-m", "edgeslm", "serve", str(self.package)]
+        cmd += ["--port", str(self.port), "--threads", str(threads)]
+        return cmd + ["--n-ctx", str(self.n_ctx), "--max-queue", "0"]
+
+
+class LlamaServer(_Server):
     """llama-cpp-python's OpenAI-compatible server in a subprocess."""
 
     name = "llama.cpp server"
+    health_path = "/v1/models"
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int) -> None:
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)]
+        self.gguf, self.n_ctx = gguf, n_ctx
+        self.eos_ids: list[int] = []
+        super().__init__(threads)
+
+    def command(self, threads: int) -> list[str]:
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
-        cmd += ["--n_ctx", str(n_ctx), "--n_batch", "512", "--verbose", "false"]
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            cmd,
-            env=harness.worker_env(threads),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.startup_s = wait_http(self.port, "/v1/models", self.process, 300) - started
-        self.eos_ids: list[int] = []
+        return cmd + [
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_batch",
+            "512",
+            "--verbose",
+            "false",
+        ]
 
     def body(self, messages: list[dict], max_tokens: int) -> dict[str, Any]:
         # llama-cpp-python has no ignore_eos: a bias of -100 on the end tokens
         # does the same (and costs it one numpy pass over the logits per token).
-        return {
-            "model": "smollm2",
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "logit_bias": {str(i): -100.0 for i in self.eos_ids},
-        }
+        bias = {"logit_bias": {str(i): -100.0 for i in self.eos_ids}}
+        return {**super().body(messages, max_tokens), **bias}
 
 
-class LlamaCppServer(EdgeslmServer):
+class LlamaCppServer(_Server):
     """llama.cpp's own C++ `llama-server` in a subprocess (built from llama.cpp's
     sources, e.g. the copy inside the llama-cpp-python sdist: docs/BENCHMARKS.md)."""
 
     name = "llama.cpp server"
+    # llama-server takes ignore_eos as edgeslm does; cache_prompt off so that
+    # neither server reuses a cached prefix (the prompts also differ per run).
+    extra_fields = {"ignore_eos": True, "cache_prompt": False}
 
     def __init__(self, binary: Path, gguf: Path, threads: int, n_ctx: int) -> None:
-        self.port = free_port()
-        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "-t", str(threads), "-tb", str(threads)]
-        cmd += ["-c", str(n_ctx), "-b", "512", "-ub", "512", "--log-disable"]
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            cmd,
-            env=harness.worker_env(threads),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.startup_s = wait_http(self.port, "/health", self.process, 300) - started
+        self.binary, self.gguf, self.n_ctx = binary, gguf, n_ctx
+        super().__init__(threads)
 
-    def body(self, messages: list[dict], max_tokens: int) -> dict[str, Any]:
-        # llama-server takes ignore_eos as edgeslm does; cache_prompt off so that
-        # neither server reuses a cached prefix (edgeslm's prompts differ per run).
-        return {
-            "model": "smollm2",
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-            "cache_prompt": False,
-        }
+    def command(self, threads: int) -> list[str]:
+        cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "-t", str(threads), "-tb", str(threads)]
+        return cmd + ["-c", str(self.n_ctx), "-b", "512", "-ub", "512", "--log-disable"]
 
 
 # The in-process system's worker: edgeslm's Python API, no HTTP, in a process
