@@ -19,7 +19,13 @@ from setuptools.command.build_ext import build_ext
 
 log = logging.getLogger("edgeslm.setup")
 
-KERNEL_SOURCES = ["kernels/common.c", "kernels/sampler.c", "kernels/kvcache.c"]
+KERNEL_SOURCES = [
+    "kernels/common.c",
+    "kernels/sampler.c",
+    "kernels/kvcache.c",
+    "kernels/qmatmul.c",
+    "kernels/ort_op.c",
+]
 # -ffp-contract=off: no fused multiply-add, so every platform rounds like numpy does.
 KERNEL_CFLAGS = [
     "-O2",
@@ -71,7 +77,12 @@ setup(
             "edgeslm._edgeslm_kernel",
             sources=KERNEL_SOURCES,
             include_dirs=["kernels"],
-            depends=["kernels/edgeslm_kernel.h", "kernels/esl_internal.h"],
+            depends=[
+                "kernels/edgeslm_kernel.h",
+                "kernels/esl_internal.h",
+                "kernels/qmatmul.h",
+                "kernels/ort_abi.h",
+            ],
             extra_compile_args=KERNEL_CFLAGS,
             libraries=["m"] if sys.platform != "win32" else [],
         )

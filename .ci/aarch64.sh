@@ -4,11 +4,13 @@
 # Under qemu-user emulating the Pi 4 CPU (cortex-a72, ARMv8.0, no dotprod) and the
 # Pi 5 CPU (cortex-a76, ARMv8.2 + dotprod), runs:
 #   - the kernel self-test (kernels/selftest.c, cross-compiled, static);
-#   - tests/test_sampler.py and tests/test_kvcache.py on an aarch64 CPython 3.11 with
-#     the kernel cross-compiled for baseline ARMv8.0 (EDGESLM_KERNEL=c: no fallback);
-#   - greedy generation with a tiny random Llama (int8 and fp32 packages made on the
-#     host by the project's exporter), checked against the host's tokens and logits
-#     (tests/aarch64/e2e_driver.py).
+#   - tests/test_sampler.py, tests/test_kvcache.py and tests/test_qmatmul.py on an
+#     aarch64 CPython 3.11 with the kernel cross-compiled for baseline ARMv8.0
+#     (EDGESLM_KERNEL=c: no fallback); the int8 matmul's dot-product path is
+#     compiled in and chosen at run time, so the Pi 5 CPU runs it and the Pi 4 not;
+#   - greedy generation with a tiny random Llama (int8, its portable graph and fp32
+#     packages made on the host by the project's exporter), checked against the
+#     host's tokens and logits (tests/aarch64/e2e_driver.py).
 # See docs/KERNEL.md, "Emulated Raspberry Pi (aarch64) testing", for how and why.
 #
 # Works on a fresh Debian 12 x86-64 machine as root: installs the cross compiler with
@@ -42,7 +44,7 @@ DRIVER=$REPO/tests/aarch64/e2e_driver.py
 ROOT_PACKAGES="python3.11-minimal libpython3.11-stdlib libstdc++6"
 ROOT_FORMAT=1
 # aarch64 wheels, pinned to the host's versions so that both sides run the same code.
-WHEELS="numpy onnxruntime tokenizers jinja2 pytest hypothesis"
+WHEELS="numpy onnxruntime tokenizers jinja2 pytest hypothesis onnx"
 # Tests that cannot mean anything emulated (each has a stand-in here):
 #  - test_env_explicit_library loads edgeslm/_edgeslm_kernel.so, the host's (x86)
 #    build; every emulated test loads the cross build through EDGESLM_KERNEL_LIB.
@@ -50,6 +52,8 @@ WHEELS="numpy onnxruntime tokenizers jinja2 pytest hypothesis"
 #    natively; the cross-compiled self-test runs emulated before the tests instead.
 #  - test_build_without_a_compiler_still_installs runs setup.py, and setuptools is
 #    not among the emulated wheels; what it checks does not depend on the CPU.
+#  - test_qmatmul.py's package tests export a checkpoint made with torch, which the
+#    emulated environment does not have; the end-to-end run covers packages.
 # The bridge tests' fixtures (tests/conftest.py loads them as a plugin) need paho-mqtt,
 # which the emulated environment does not have and these tests do not use.
 DESELECT=(
@@ -57,6 +61,8 @@ DESELECT=(
     --deselect tests/test_sampler.py::test_env_explicit_library
     --deselect tests/test_sampler.py::test_kernel_selftest_hash
     --deselect tests/test_sampler.py::test_build_without_a_compiler_still_installs
+    --deselect tests/test_qmatmul.py::test_package_runs_its_portable_graph_without_the_kernel
+    --deselect tests/test_qmatmul.py::test_package_without_portable_graph_needs_the_kernel
 )
 
 STARTED=$SECONDS
@@ -286,13 +292,19 @@ log "cross-compiling the kernel: -march=armv8-a ${KCFLAGS[*]} ${KSOURCES[*]}"
 mv "$BUILD/_edgeslm_kernel.so.new" "$BUILD/_edgeslm_kernel.so"
 (cd "$REPO" && aarch64-linux-gnu-gcc -march=armv8-a "${KCFLAGS[@]}" -static \
     -Ikernels kernels/selftest.c "${KSOURCES[@]}" -lm -o "$BUILD/selftest")
-# A Pi 4 has no dot-product or int8 matrix instructions: the library must use none
-# (qemu's cortex-a72 would trap them too, but only on the paths the tests reach).
-if aarch64-linux-gnu-objdump -d "$BUILD/_edgeslm_kernel.so" |
-    grep -wE 'sdot|udot|usdot|sudot|smmla|ummla|usmmla' >"$BUILD/dotprod.txt"; then
+# A Pi 4 has no dot-product or int8 matrix instructions: only the matmul's
+# dot-product functions, which run after a CPU check, may use them (qemu's
+# cortex-a72 would trap them too, but only on the paths the tests reach).
+aarch64-linux-gnu-objdump -d "$BUILD/_edgeslm_kernel.so" >"$BUILD/kernel.dis"
+if awk '
+    /^[0-9a-f]+ <.*>:$/ { fn = $2 }
+    /\t(sdot|udot|usdot|sudot|smmla|ummla|usmmla)\t/ && fn !~ /dotprod/ { print fn ": " $0 }
+' "$BUILD/kernel.dis" >"$BUILD/dotprod.txt" && [ -s "$BUILD/dotprod.txt" ]; then
     head -n 5 "$BUILD/dotprod.txt"
-    die "the kernel uses ARMv8.2+ dot-product instructions; a Pi 4 cannot run it"
+    die "the kernel uses ARMv8.2+ dot-product instructions outside its dot-product path"
 fi
+grep -qw sdot "$BUILD/kernel.dis" ||
+    die "the cross-built kernel has no dot-product path for the Pi 5"
 
 # --- 6. host reference: the tiny model packages and the host's generation ---------------
 
@@ -316,9 +328,10 @@ if [ "$(cat "$MODEL/.edgeslm-stamp" 2>/dev/null)" != "$model_key" ]; then
 fi
 log "host reference generation"
 rm -rf "$HOST_RUN"
-"${host_env[@]}" "$PY" "$DRIVER" generate --out "$HOST_RUN" \
-    --package "$MODEL/pkg-int8" --package "$MODEL/pkg-fp32" \
-    --package "$MODEL/pkg-int8-fp32compute"
+# The host runs its own build of the kernel: the int8 package's operator needs it.
+"${host_env[@]}" EDGESLM_KERNEL=c "$PY" "$DRIVER" generate --out "$HOST_RUN" \
+    --package "$MODEL/pkg-int8" --package "$MODEL/pkg-int8-portable" \
+    --package "$MODEL/pkg-fp32" --package "$MODEL/pkg-int8-portable-fp32compute"
 "$PY" "$DRIVER" check-host --host "$HOST_RUN" || die "the host reference is unusable"
 log "setup done in $((SECONDS - STARTED)) s"
 
@@ -366,7 +379,8 @@ for cpu in $CPUS; do
     rc=0
     (cd "$REPO" && timeout 900 "${emu_env[@]}" "$EMU_PY" -m pytest \
         -p no:cacheprovider -q -o addopts= -rfE "${DESELECT[@]}" \
-        tests/test_sampler.py tests/test_kvcache.py) 2>&1 | tee "$out/pytest.log" || rc=$?
+        tests/test_sampler.py tests/test_kvcache.py tests/test_qmatmul.py) 2>&1 |
+        tee "$out/pytest.log" || rc=$?
     counts=$(grep -E '[0-9]+ (passed|failed|errors?)\b' "$out/pytest.log" | tail -n1 |
         tr -d '=' | xargs || true)
     if [ "$rc" = 0 ]; then
@@ -379,8 +393,8 @@ for cpu in $CPUS; do
     t=$SECONDS
     rc=0
     timeout 600 "${emu_env[@]}" "$EMU_PY" "$DRIVER" generate --out "$out/e2e" \
-        --teacher "$HOST_RUN" --package "$MODEL/pkg-int8" --package "$MODEL/pkg-fp32" ||
-        rc=$?
+        --teacher "$HOST_RUN" --package "$MODEL/pkg-int8" \
+        --package "$MODEL/pkg-int8-portable" --package "$MODEL/pkg-fp32" || rc=$?
     if [ "$rc" = 0 ]; then
         "$PY" "$DRIVER" compare --host "$HOST_RUN" --emulated "$out/e2e" \
             --label "$cpu" >"$out/compare.log" || rc=$?

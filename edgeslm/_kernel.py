@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 ENV_BACKEND = "EDGESLM_KERNEL"
 ENV_LIBRARY = "EDGESLM_KERNEL_LIB"
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_NAME = "_edgeslm_kernel.so"
 BACKENDS = ("auto", "c", "numpy")
 
@@ -100,11 +100,18 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "esl_kv_save": (_I32, [ctypes.c_char_p, _P, _P, _P, _I64]),
     "esl_kv_read_header": (_I32, [ctypes.c_char_p, _P, _P]),
     "esl_kv_load": (_I32, [ctypes.c_char_p, _P, _P, _P, _I64]),
+    "esl_qmm_level": (_I32, []),
+    "esl_qmm_set_level": (_I32, [_I32]),
+    "esl_qmm_name": (ctypes.c_char_p, []),
+    # x, m, k, packed weights, packed scales, n, block, y
+    "esl_qmm_matmul": (_I32, [_P, _I64, _I64, _P, _P, _I64, _I64, _P]),
+    "esl_qmm_half": (ctypes.c_float, [ctypes.c_uint16]),
 }
 
 _lock = threading.Lock()
 _loaded = False
 _lib: ctypes.CDLL | None = None
+_lib_path: Path | None = None
 _load_error: str | None = None
 
 
@@ -151,7 +158,7 @@ def load() -> ctypes.CDLL | None:
     Raises:
         ValueError: EDGESLM_KERNEL is not auto, c or numpy.
     """
-    global _loaded, _lib, _load_error
+    global _loaded, _lib, _lib_path, _load_error
     setting = backend_setting()
     if setting == "numpy":
         return None
@@ -161,12 +168,25 @@ def load() -> ctypes.CDLL | None:
             path = Path(explicit) if explicit else default_library_path()
             try:
                 _lib = _open(path)
+                _lib_path = path
                 log.debug("edgeslm C kernel loaded from %s (%s)", path, simd_name(_lib))
             except (OSError, AttributeError) as exc:
                 _load_error = f"cannot load the C kernel from {path}: {exc}"
                 log.warning("%s; using the numpy reference (slower)", _load_error)
             _loaded = True
     return _lib
+
+
+def operator_library() -> Path | None:
+    """The kernel library's path for onnxruntime's `register_custom_ops_library`
+    (it holds the `ai.edgeslm` operators, kernels/ort_op.c), or None when the C
+    kernel is not available (then packages run their portable graph)."""
+    return _lib_path if load() is not None else None
+
+
+def load_error() -> str | None:
+    """Why the C kernel did not load (None if it did or was not tried)."""
+    return _load_error
 
 
 def require() -> ctypes.CDLL:

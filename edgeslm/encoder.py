@@ -49,6 +49,8 @@ class EncoderManifest:
         max_tokens: longest input in tokens; longer texts are truncated.
         source: where the weights came from.
         files: sha256 of every file of the package.
+        custom_ops, portable_model, export_version: as in
+            `edgeslm.manifest.Manifest`.
     """
 
     config: dict[str, Any]
@@ -57,6 +59,9 @@ class EncoderManifest:
     max_tokens: int
     source: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    custom_ops: tuple[str, ...] = ()
+    portable_model: str | None = None
+    export_version: int = 1
     format_version: int = 1
 
     def write(self, package: Path) -> None:
@@ -69,6 +74,9 @@ class EncoderManifest:
             "config": self.config,
             "source": self.source,
             "files": self.files,
+            "custom_ops": list(self.custom_ops),
+            "portable_model": self.portable_model,
+            "export_version": self.export_version,
         }
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
         (Path(package) / MANIFEST_NAME).write_text(text, encoding="utf-8")
@@ -96,6 +104,9 @@ class EncoderManifest:
                 max_tokens=int(data["max_tokens"]),
                 source=dict(data.get("source", {})),
                 files=dict(data["files"]),
+                custom_ops=tuple(data.get("custom_ops", ())),
+                portable_model=data.get("portable_model"),
+                export_version=int(data.get("export_version", 1)),
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelFormatError(f"{path}: not valid JSON ({exc})") from exc
@@ -131,8 +142,9 @@ class Encoder:
         n_threads: int | None = 1,
         verify: bool = True,
     ) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
+
+        from edgeslm.session import open_session
 
         self.package = Path(package)
         self.manifest = EncoderManifest.read(self.package)
@@ -145,21 +157,13 @@ class Encoder:
 
         # One thread by default: requests are short and the encoder shares the
         # board with everything else; batching is where more threads pay.
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = n_threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(
-                str(self.package / "model.onnx"),
-                options,
-                providers=["CPUExecutionProvider"],
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelFormatError(
-                f"{self.package}: onnxruntime cannot load it ({exc})"
-            ) from exc
+        self.session = open_session(
+            self.package,
+            "model.onnx",
+            custom_ops=self.manifest.custom_ops,
+            portable_model=self.manifest.portable_model,
+            n_threads=n_threads,
+        )
 
     def encode_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, right-padded: two `(batch, seq)` int64."""
@@ -254,12 +258,16 @@ def resolve_encoder(
         src = default_encoder_source()
 
     from edgeslm.hub import _cache_key, cache_dir
+    from edgeslm.manifest import EXPORT_VERSION
 
     target = cache_dir() / "encoders" / _cache_key(src, dtype)
     if (target / MANIFEST_NAME).is_file():
         try:
-            if EncoderManifest.read(target).source.get("path") == str(src.resolve()):
-                return target
+            cached = EncoderManifest.read(target)
+            if cached.source.get("path") == str(src.resolve()):
+                if cached.export_version >= EXPORT_VERSION:
+                    return target
+                log.warning("%s was exported by an older edgeslm", target)
         except ModelFormatError:
             log.warning("%s: unreadable cached encoder; exporting again", target)
     try:

@@ -356,13 +356,17 @@ def _hub_key(hub_id: str, dtype: str) -> str:
 
 
 def _cached_export(src: Path, key: str, dtype: str) -> Path:
-    from edgeslm.manifest import Manifest
+    from edgeslm.manifest import EXPORT_VERSION, Manifest
 
     target = cache_dir() / "packages" / key
     if (target / MANIFEST_NAME).is_file():
-        recorded = Manifest.read(target).source.get("path")
-        if recorded == str(src.resolve()):
-            return target
+        cached = Manifest.read(target)
+        if cached.source.get("path") == str(src.resolve()):
+            if cached.export_version >= EXPORT_VERSION:
+                return target
+            log.warning(
+                "%s was exported by an older edgeslm; exporting it again", target
+            )
     try:
         from edgeslm.export import export_model
     except ImportError as exc:

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "edgeslm.json"
 FORMAT_VERSION = 1
+# What the exporter of this edgeslm writes; a package cached by an older exporter
+# is exported again (edgeslm.hub) so it gets the current graph. 2: int8 linear
+# layers as edgeslm's MatMulQ8 operator, with a portable graph beside it.
+EXPORT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,11 @@ class Manifest:
             shift when full. "dialogpt": turns joined by the end-of-text token
             (`chat_template` holds that format) and the oldest turns dropped so the
             conversation fits the context.
+        custom_ops: operator domains `model.onnx` needs besides onnxruntime's
+            (`ai.edgeslm`: the C kernel's operators; see edgeslm/session.py).
+        portable_model: a graph of the same model for a stock onnxruntime, run
+            when the C kernel is not available (None: model.onnx needs nothing).
+        export_version: the exporter generation that wrote the package.
     """
 
     config: ModelConfig
@@ -78,6 +87,9 @@ class Manifest:
     chat_format: str = "template"
     source: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    custom_ops: tuple[str, ...] = ()
+    portable_model: str | None = None
+    export_version: int = 1
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -106,6 +118,9 @@ class Manifest:
             "context_shift": self.context_shift,
             "source": self.source,
             "files": self.files,
+            "custom_ops": list(self.custom_ops),
+            "portable_model": self.portable_model,
+            "export_version": self.export_version,
         }
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
@@ -146,6 +161,9 @@ class Manifest:
                 chat_format=data.get("chat_format", "template"),
                 source=dict(data.get("source", {})),
                 files=dict(data["files"]),
+                custom_ops=tuple(data.get("custom_ops", ())),
+                portable_model=data.get("portable_model"),
+                export_version=int(data.get("export_version", 1)),
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelFormatError(f"{path}: not valid JSON ({exc})") from exc

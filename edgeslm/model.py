@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from edgeslm.generation import Generation, GenerationStats, TextStream
 from edgeslm.kvcache import KVCache
 from edgeslm.manifest import Manifest
 from edgeslm.sampling import Sampler, SamplerSettings
+from edgeslm.session import open_session
 from edgeslm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,13 @@ class Model:
             eos_token=self._token_text(self._eos_ids[0] if self._eos_ids else None),
         )
         self.n_ctx = _check_n_ctx(n_ctx, self.config.max_seq_len)
-        self._session = _make_session(self.path / "model.onnx", n_threads)
+        self._session = open_session(
+            self.path,
+            "model.onnx",
+            custom_ops=self.manifest.custom_ops,
+            portable_model=self.manifest.portable_model,
+            n_threads=n_threads,
+        )
         self.cache = KVCache(
             self.config.n_layers,
             self.config.n_kv_heads,
@@ -546,23 +552,3 @@ def _check_n_ctx(n_ctx: int | None, max_seq_len: int) -> int:
     if not 1 <= n_ctx <= max_seq_len:
         raise ValueError(f"n_ctx must be in [1, {max_seq_len}], got {n_ctx}")
     return int(n_ctx)
-
-
-def _make_session(path: Path, n_threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.inter_op_num_threads = 1
-    threads = n_threads or os.cpu_count() or 1
-    if threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ModelFormatError(f"{path}: onnxruntime cannot load it ({exc})") from exc

@@ -46,7 +46,8 @@ from edgeslm.chat_template import DIALOGPT_TEMPLATE, ChatTemplate
 from edgeslm.config import ModelConfig
 from edgeslm.errors import EdgeSLMError, ModelFormatError, ModelNotFoundError
 from edgeslm.manifest import Manifest, TokenSpec
-from edgeslm.model import Model, _check_n_ctx, _make_session
+from edgeslm.model import Model, _check_n_ctx
+from edgeslm.session import make_session
 from edgeslm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -348,7 +349,7 @@ class OptimumModel(Model):
             raise ModelNotFoundError(f"no ONNX file at {self.onnx_file}")
         self.path = model_folder(self.onnx_file)
         hf = _read_json(self.path / "config.json")
-        self._session = _make_session(self.onnx_file, n_threads)
+        self._session = make_session(self.onnx_file, n_threads)
         self.io = inspect_decoder(self._session, hf, self.onnx_file)
         tokenizer_file, tokens, template = _read_tokenizer(self.path)
         self.manifest = _manifest(self.path, self.onnx_file, hf, self.io, tokens)

@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or struct layout below changes; _kernel.py checks it. */
-#define ESL_ABI_VERSION 1
+#define ESL_ABI_VERSION 2
 
 /* Status codes. Keep in sync with _STATUS in edgeslm/_kernel.py. */
 typedef enum esl_status {
@@ -185,6 +185,35 @@ ESL_API int32_t esl_kv_read_header(const char *path, esl_kv_desc *desc, int64_t 
  */
 ESL_API int32_t esl_kv_load(const char *path, const esl_kv_desc *desc, float *data,
                             int32_t *tokens, int64_t n_tokens);
+
+/* ---- int8 block matmul (qmatmul.c) ---- */
+
+/*
+ * SIMD level of the matmul, chosen at run time apart from the sampler's (its results
+ * are not bit-identical across levels: only the order of the float sums differs): 0 =
+ * portable C, 1 = AVX2 or NEON, 2 = AVX-512 VNNI or NEON dot product. esl_qmm_set_level
+ * clamps a request to what the CPU supports and returns the level now in use (a
+ * process-wide setting, for tests and benchmarks; not thread-safe against running
+ * products). esl_qmm_name returns "c", "avx2", "avx512-vnni", "neon" or "neon-dotprod".
+ */
+ESL_API int32_t esl_qmm_level(void);
+ESL_API int32_t esl_qmm_set_level(int32_t level);
+ESL_API const char *esl_qmm_name(void);
+
+/*
+ * y = x @ dequant(w)^T on one thread, for tests and tools (the model runs it as an
+ * onnxruntime operator, see ort_op.c). x is [m][k] float32; w holds the weights in
+ * groups of 16 rows, uint8 [ceil(n / 16)][kp / 4][16][4] (q + 128, zero rows past n),
+ * and scales IEEE half [ceil(n / 16)][kp / block][16], kp = k rounded up to the block
+ * (32, 64, 128 or 256); y is [m][n] float32. The activations are quantized to int8 in chunks of 32 first
+ * (docs/KERNEL.md). All pointers are borrowed. Returns ESL_OK, ESL_ERR_ARG or
+ * ESL_ERR_NOMEM (the scratch for the quantized activations is allocated per call).
+ */
+ESL_API int32_t esl_qmm_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w,
+                               const uint16_t *scales, int64_t n, int64_t block, float *y);
+
+/* Returns the float value of the IEEE half `h`, as the portable path converts it. */
+ESL_API float esl_qmm_half(uint16_t h);
 
 #ifdef __cplusplus
 }

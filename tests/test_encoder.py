@@ -96,10 +96,13 @@ def test_embed_input_errors(packages):
 
 def test_manifest_records_what_was_exported(packages, source):
     manifest = EncoderManifest.read(packages["int8"])
-    assert manifest.quantization == "int8-block16"
+    assert manifest.quantization == "int8-block32"
     assert manifest.config["n_layers"] == 6 and manifest.config["hidden_size"] == 384
     assert manifest.source["path"] == str(source.resolve())
-    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    files = {"model.onnx", "model.portable.onnx", "model.onnx.data", "tokenizer.json"}
+    assert set(manifest.files) == files
+    assert manifest.custom_ops == ("ai.edgeslm",)
+    assert manifest.portable_model == "model.portable.onnx"
 
 
 def test_changed_file_fails_verification(packages, tmp_path):

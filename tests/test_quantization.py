@@ -140,8 +140,8 @@ def test_smoothing_keeps_the_fp32_function(tiny_llama, tmp_path):
 def test_smoothing_is_recorded_and_only_for_int8(tiny_llama, tmp_path):
     int8 = export_model(tiny_llama, tmp_path / "int8")
     assert Manifest.read(int8).quantization == "int8-block32, smoothed alpha 0.5"
-    off = export_model(tiny_llama, tmp_path / "off", smooth=0, block_size=16)
-    assert Manifest.read(off).quantization == "int8-block16"
+    off = export_model(tiny_llama, tmp_path / "off", smooth=0, block_size=64)
+    assert Manifest.read(off).quantization == "int8-block64"
     int4 = export_model(tiny_llama, tmp_path / "int4", dtype="int4")
     assert Manifest.read(int4).quantization.startswith("int4-block32")
     with pytest.raises(ValueError, match="smooth must be in"):
@@ -151,7 +151,7 @@ def test_smoothing_is_recorded_and_only_for_int8(tiny_llama, tmp_path):
 def test_int8_block_length_must_divide_the_layers(tiny_llama, tmp_path):
     # The tiny Llama's hidden size is 64: blocks of 128 cannot tile it, and the
     # error names the size and the lengths that would.
-    with pytest.raises(ValueError, match=r"hidden_size \(64\).*\[16, 32, 64\]"):
+    with pytest.raises(ValueError, match=r"hidden_size \(64\).*\[32, 64\]"):
         export_model(tiny_llama, tmp_path / "b128", block_size=128)
     with pytest.raises(ValueError, match="block_size must be one of"):
         export_model(tiny_llama, tmp_path / "b24", block_size=24)

@@ -130,9 +130,12 @@ def test_choice_outputs_are_options(model):
 def test_choose_is_sensible_on_clear_cases(model):
     # Not a benchmark of a 135M model: cases it gets right, so a broken prompt
     # (labels missing, text not passed) shows up as the same answer for opposites.
+    # Each is decided by at least 1 logit in fp32. ("I hate this, it is terrible."
+    # as "sad" was dropped: in fp32 the two labels tie to 0.004 logits, and this
+    # model picks "happy" for every sad sentence tried.)
     assert model.choose("What a wonderful day!", ["happy", "sad"]) == "happy"
-    assert model.choose("I hate this, it is terrible.", ["happy", "sad"]) == "sad"
     assert model.choose("Stop the music", ["play", "stop"]) == "stop"
+    assert model.choose("Play some music please", ["play", "stop"]) == "play"
 
 
 def test_extract_returns_python_objects(model):

@@ -18,20 +18,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgeslm.config import ModelConfig
-from edgeslm.manifest import Manifest, TokenSpec, sha256_file
+from edgeslm.manifest import EXPORT_VERSION, Manifest, TokenSpec, sha256_file
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("int8", "int4", "fp32")
 GRAPH_KINDS = {"llama": "llama-gqa-v1", "gpt2": "gpt2-gqa-v1"}
 MODEL_FILE = "model.onnx"
+PORTABLE_FILE = "model.portable.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
-# int8 block length of decoder exports. With activation smoothing on, 32 matches 16
-# in fidelity on SmolLM2 (KL from fp32 0.0031 against 0.0031 for unsmoothed 16),
-# and is about 10% smaller and faster; docs/BENCHMARKS.md has the measurements.
+# int8 block length of decoder exports; docs/MODELS.md has the fidelity measurements.
 DEFAULT_BLOCK_SIZE = 32
-BLOCK_SIZES = (16, 32, 64, 128)  # what onnxruntime's 8-bit MatMulNBits takes
+BLOCK_SIZES = (32, 64, 128)  # MatMulQ8's blocks that the portable graph also runs
 
 
 def export_model(
@@ -141,8 +140,6 @@ def _check_block_size(cfg, dtype: str, block_size: int) -> None:
 def _write_package(
     ckpt, folder: Path, dtype: str, block_size: int, smooth: float | None
 ) -> None:
-    import onnx
-
     from edgeslm.export.gpt2 import build_gpt2
     from edgeslm.export.llama import build_llama
 
@@ -157,17 +154,7 @@ def _write_package(
         ckpt = _smoothed(ckpt, folder, info.chat_template, alpha)
     build = builders[ckpt.config.architecture]
     model = build(ckpt, dtype, progress, block_size=block_size)
-    # Weights go to one external data file: onnxruntime maps it instead of parsing
-    # it out of a protobuf, which loads faster and peaks lower.
-    log.info("  writing %s and %s", MODEL_FILE, WEIGHTS_FILE)
-    onnx.save_model(
-        model,
-        str(folder / MODEL_FILE),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=WEIGHTS_FILE,
-        size_threshold=1024,
-    )
+    graphs = save_graphs(model, folder)
 
     # Special tokens: every id that should end a generation.
     eos = [info.eos_token_id] if info.eos_token_id is not None else []
@@ -186,10 +173,54 @@ def _write_package(
         source=ckpt.source,
         files={
             name: sha256_file(folder / name)
-            for name in (MODEL_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+            for name in (*graphs["files"], TOKENIZER_FILE)
         },
+        custom_ops=graphs["custom_ops"],
+        portable_model=graphs["portable_model"],
+        export_version=EXPORT_VERSION,
     )
     manifest.write(folder)
+
+
+def save_graphs(model, folder: Path) -> dict:
+    """Write `model` as model.onnx + model.onnx.data, and beside it the portable
+    graph when the model uses edgeslm's operators (sharing the same weights file).
+
+    Returns:
+        The manifest's view of what was written: `files` (names), `custom_ops`
+        (domains model.onnx needs) and `portable_model` (name or None).
+    """
+    import onnx
+
+    from edgeslm.export.onnx_graph import EDGESLM_DOMAIN, portable_model
+
+    # Weights go to one external data file: onnxruntime maps it instead of parsing
+    # it out of a protobuf, which loads faster and peaks lower. Saving turns the
+    # model's initializers into references to that file, which the portable graph
+    # then shares.
+    log.info("  writing %s and %s", MODEL_FILE, WEIGHTS_FILE)
+    onnx.save_model(
+        model,
+        str(folder / MODEL_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS_FILE,
+        size_threshold=1024,
+    )
+    domains = {o.domain for o in model.opset_import}
+    if EDGESLM_DOMAIN not in domains:
+        return {
+            "files": [MODEL_FILE, WEIGHTS_FILE],
+            "custom_ops": (),
+            "portable_model": None,
+        }
+    log.info("  writing %s (for onnxruntime without edgeslm's kernel)", PORTABLE_FILE)
+    onnx.save_model(portable_model(model), str(folder / PORTABLE_FILE))
+    return {
+        "files": [MODEL_FILE, PORTABLE_FILE, WEIGHTS_FILE],
+        "custom_ops": (EDGESLM_DOMAIN,),
+        "portable_model": PORTABLE_FILE,
+    }
 
 
 def _quantization_label(dtype: str, block_size: int, alpha: float) -> str:

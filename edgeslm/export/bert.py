@@ -16,7 +16,7 @@ The graph, written node by node like the decoder builders:
                                 real tokens' states, L2-normalized
 
 Token type ids are always 0 for single sentences, so type row 0 is folded into the
-position table and the input is dropped. Linear layers are `MatMulNBits` int8 blocks
+position table and the input is dropped. Linear layers are `MatMulQ8` int8 blocks
 (or `MatMul` for fp32); the word embedding table is int8 blocks too. Attention is
 onnxruntime's `MultiHeadAttention` with a key padding mask.
 
@@ -43,7 +43,7 @@ from edgeslm.export.onnx_graph import (
     MS_DOMAIN,
     GraphBuilder,
 )
-from edgeslm.export.quantize import INT8_ZERO_POINT, quantize_int8_blocks
+from edgeslm.export.quantize import quantize_int8_blocks
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +137,7 @@ def _embeddings(b: GraphBuilder, load, cfg: dict[str, Any]) -> str:
         rows = b.op("Gather", b.const("embed.weight", word), "input_ids", axis=0)
     else:
         q = quantize_int8_blocks(word, b.block_size)
-        data = b.const("embed.qweight", q.data)
-        scales = b.const("embed.scales", q.scales)
-        raw = b.op("Cast", b.op("Gather", data, "input_ids", axis=0), to=FLOAT)
-        zero = b.const("embed.zero_point", np.array(INT8_ZERO_POINT, np.float32))
-        raw = b.op("Sub", raw, zero)  # (batch, seq, n_blocks, block_size)
-        row_scales = b.op("Gather", scales, "input_ids", axis=0)
-        raw = b.op(
-            "Mul", raw, b.op("Unsqueeze", row_scales, b.const("ax_m1", _i64(-1)))
-        )
-        shape = b.const("embed.shape", _i64([0, 0, -1]))
-        rows = b.op("Reshape", raw, shape)
-        if q.data.shape[1] * q.block_size != cfg["hidden_size"]:
-            starts, ends = (
-                b.const("h0", _i64([0])),
-                b.const("h1", _i64([word.shape[1]])),
-            )
-            rows = b.op("Slice", rows, starts, ends, b.const("ax2", _i64([2])))
+        rows = b.embedding_rows("input_ids", q, "embed")
 
     # Positions 0..seq-1 with token type 0 folded in: one float table.
     positions = load("embeddings.position_embeddings.weight")
@@ -252,11 +236,9 @@ def export_bert(
         ModelFormatError: `src` is not a BERT folder with safetensors weights.
         FileExistsError: `out_dir` exists and `overwrite` is false.
     """
-    import onnx
-
     from edgeslm.encoder import EncoderManifest
-    from edgeslm.export import staged_package
-    from edgeslm.manifest import sha256_file
+    from edgeslm.export import save_graphs, staged_package
+    from edgeslm.manifest import EXPORT_VERSION, sha256_file
 
     src, out = Path(src), Path(out_dir)
     if not src.is_dir():
@@ -272,16 +254,9 @@ def export_bert(
 
     with staged_package(out) as tmp:
         model = build_bert(load, cfg, dtype, block_size=block_size)
-        onnx.save_model(
-            model,
-            str(tmp / MODEL_FILE),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=WEIGHTS_FILE,
-            size_threshold=1024,
-        )
+        graphs = save_graphs(model, tmp)
         shutil.copyfile(src / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        files = (MODEL_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+        files = (*graphs["files"], TOKENIZER_FILE)
         EncoderManifest(
             config=cfg,
             graph=GRAPH_KIND,
@@ -289,6 +264,9 @@ def export_bert(
             max_tokens=_max_tokens(src, cfg),
             source={"kind": "hf-folder", "path": str(src.resolve())},
             files={name: sha256_file(tmp / name) for name in files},
+            custom_ops=graphs["custom_ops"],
+            portable_model=graphs["portable_model"],
+            export_version=EXPORT_VERSION,
         ).write(tmp)
     log.info(
         "encoder package written to %s in %.1f s", out, time.perf_counter() - started

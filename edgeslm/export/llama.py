@@ -25,7 +25,6 @@ import numpy as np
 from edgeslm.config import ModelConfig
 from edgeslm.export.checkpoint import Checkpoint
 from edgeslm.export.onnx_graph import (
-    ACCURACY_LEVEL,
     DEFAULT_BLOCK_SIZE,
     FLOAT,
     INT32,
@@ -34,9 +33,9 @@ from edgeslm.export.onnx_graph import (
     GraphBuilder,
 )
 from edgeslm.export.quantize import (
-    INT8_ZERO_POINT,
     Int4Blocks,
     concat_int4,
+    pack_q8,
     quantize_int8_blocks,
 )
 
@@ -108,31 +107,30 @@ def _declare_io(b: GraphBuilder, cfg: ModelConfig) -> None:
 
 
 def _embedding(b: GraphBuilder, ckpt: Checkpoint, block_size: int):
-    """Token embedding; int8 keeps one quantized table shared with a tied head."""
+    """Token embedding `(1, n_new, hidden)`; returns it and, for int8 with a tied
+    head, the packed table that the head reuses (else None).
+
+    A tied table is stored once, in `MatMulQ8`'s layout, and gathered from there;
+    an untied one stays row-major, which gathers with fewer ops.
+    """
     weight = ckpt.load("embed")
     if b.dtype == "fp32":
         table = b.const("embed.weight", weight)
         return b.op("Gather", table, "input_ids", axis=0), None
-
-    # (vocab, n_blocks, block) uint8 rows -> float, minus the zero point, times scales.
-    q = quantize_int8_blocks(weight, block_size)
-    data = b.const("embed.qweight", q.data)
-    scales = b.const("embed.scales", q.scales)
-    rows = b.op("Cast", b.op("Gather", data, "input_ids", axis=0), to=FLOAT)
-    zero = b.const("embed.zero_point", np.array(INT8_ZERO_POINT, dtype=np.float32))
-    row_scales = b.op(
-        "Unsqueeze",
-        b.op("Gather", scales, "input_ids", axis=0),
-        b.const("axis_last", np.array([-1], dtype=np.int64)),
-    )
-    values = b.op("Mul", b.op("Sub", rows, zero), row_scales)
-    shape = b.const("embed.shape", np.array([1, -1, weight.shape[1]], dtype=np.int64))
-    if q.data.shape[1] * block_size != weight.shape[1]:  # export_model checks first
+    if weight.shape[1] % block_size:  # export_model checks first
         raise ValueError(
             f"hidden_size {weight.shape[1]} is not a multiple of the int8 block "
             f"length {block_size}"
         )
-    return b.op("Reshape", values, shape), q
+    q = quantize_int8_blocks(weight, block_size)
+    if _tied(ckpt):
+        packed = pack_q8(q)
+        return b.embedding_packed("input_ids", packed, "embed"), packed
+    return b.embedding_rows("input_ids", q, "embed"), None
+
+
+def _tied(ckpt: Checkpoint) -> bool:
+    return ckpt.config.tie_word_embeddings and "lm_head" not in ckpt.names
 
 
 def _rms_norm(b: GraphBuilder, x: str, gamma: np.ndarray, name: str, eps: float) -> str:
@@ -243,29 +241,16 @@ def _rope_tables(b: GraphBuilder, cfg: ModelConfig) -> tuple[str, str]:
 def _lm_head(
     b: GraphBuilder, ckpt: Checkpoint, x: str, embed_q, block_size: int
 ) -> None:
-    cfg = ckpt.config
-    tied = cfg.tie_word_embeddings and "lm_head" not in ckpt.names
+    tied = _tied(ckpt)
     if b.quantized and tied:
-        b.node(
-            "MatMulNBits",
-            [x, "embed.qweight", "embed.scales"],
-            outputs=["logits"],
-            name="lm_head",
-            domain=MS_DOMAIN,
-            K=cfg.hidden_size,
-            N=cfg.vocab_size,
-            bits=8,
-            block_size=block_size,
-            accuracy_level=ACCURACY_LEVEL,
-        )
+        b.linear_q(x, embed_q, "lm_head", prefix="embed", output="logits")
     elif b.dtype == "fp32" and tied:
         b.node(
             "Gemm", [x, "embed.weight"], outputs=["logits"], name="lm_head", transB=1
         )
+    elif b.quantized:
+        q = quantize_int8_blocks(ckpt.load("lm_head"), block_size)
+        b.linear_q(x, q, "lm_head", output="logits")
     else:
-        if b.quantized:
-            q = quantize_int8_blocks(ckpt.load("lm_head"), block_size)
-            out = b.linear_q(x, q, "lm_head")
-        else:
-            out = b.linear(x, ckpt.load("lm_head"), "lm_head")
+        out = b.linear(x, ckpt.load("lm_head"), "lm_head")
         b.node("Identity", [out], outputs=["logits"], name="logits")

@@ -3,8 +3,13 @@
 Graph builders (one per architecture family) call `GraphBuilder` methods that each
 add one node or one initializer and return the output name, so a builder reads like
 the model's forward pass. Linear layers choose their kernel by the export dtype:
-`MatMul` for fp32, onnxruntime's `MatMulNBits` with 8-bit blocks for int8, and for
-int4 a 4-bit `MatMulNBits` plus the block-minimum term (see `linear_int4`).
+`MatMul` for fp32, edgeslm's own `ai.edgeslm::MatMulQ8` (kernels/ort_op.c) over int8
+blocks for int8, and for int4 onnxruntime's 4-bit `MatMulNBits` plus the block-minimum
+term (see `linear_int4`).
+
+`portable_model` turns a graph with `MatMulQ8` nodes into one that a stock
+onnxruntime runs (`MatMulNBits`, its packed weights unpacked by ops onnxruntime folds
+at load): the package's fallback when the C kernel is not built.
 """
 
 from __future__ import annotations
@@ -17,22 +22,28 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeslm.export.quantize import (
     INT4_BLOCK_SIZE,
+    INT8_ZERO_POINT,
+    Q8_GROUP,
     BlockQuantized,
     Int4Blocks,
+    PackedQ8,
+    pack_q8,
     quantize_int4_blocks,
     quantize_int8_blocks,
 )
 
 MS_DOMAIN = "com.microsoft"
+EDGESLM_DOMAIN = "ai.edgeslm"  # kernels/ort_op.c
 OPSET = 21
 
-# MatMulNBits compute type: 4 quantizes activations to int8 blocks and runs int8
-# dot products. Level 1 (fp32 compute) is ~40x slower for 8-bit weights in
-# onnxruntime 1.32, so int8 packages always use 4.
+# MatMulNBits compute type of the portable graph: 4 quantizes activations to int8
+# blocks (of the weights' block length) and runs int8 dot products. Level 1 (fp32
+# compute) is ~40x slower for 8-bit weights in onnxruntime 1.32.
 ACCURACY_LEVEL = 4
-# Weights and activations share the block size: smaller blocks round activations
-# more finely. The graph default; decoder exports choose theirs in export/__init__.
-DEFAULT_BLOCK_SIZE = 16
+# int8 weight block length: the graph default; decoder exports choose theirs in
+# export/__init__. MatMulQ8 quantizes activations in chunks of 32 whatever it is.
+DEFAULT_BLOCK_SIZE = 32
+INT8_BLOCK_SIZES = (32, 64, 128, 256)
 # int4 computes in float32 (level 1): onnxruntime dequantizes 4-bit blocks on the
 # fly at about the speed of the int8 kernel, and the activations stay exact. With
 # level 4 (int8 activations in blocks of 32) SmolLM2's next-token agreement with
@@ -47,8 +58,10 @@ class GraphBuilder:
     def __init__(self, dtype: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if block_size not in (16, 32, 64, 128):
-            raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
+        if block_size not in INT8_BLOCK_SIZES:
+            raise ValueError(
+                f"block_size must be one of {INT8_BLOCK_SIZES}, got {block_size}"
+            )
         self.dtype = dtype
         self.block_size = block_size
         self.nodes: list[onnx.NodeProto] = []
@@ -57,6 +70,7 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
         self._shared: set[str] = set()
+        self.domains: set[str] = set()
 
     @property
     def quantized(self) -> bool:
@@ -181,27 +195,109 @@ class GraphBuilder:
         rest = self.const(f"{name}.residual_mins", np.ascontiguousarray(residual.T))
         return self.op("Add", product, self.op("MatMul", sums, rest))
 
-    def linear_q(self, x: str, q: BlockQuantized, name: str, prefix: str = "") -> str:
-        """MatMulNBits over quantized weights (`prefix`: reuse stored ones)."""
-        n = q.data.shape[0]
-        stem = prefix or name
-        data = f"{stem}.qweight"
-        scales = f"{stem}.scales"
-        if not prefix:
-            self.const(data, q.data)
-            self.const(scales, q.scales)
-        return self.op(
-            "MatMulNBits",
-            x,
-            data,
-            scales,
-            domain=MS_DOMAIN,
+    def linear_q(
+        self,
+        x: str,
+        q: BlockQuantized | PackedQ8,
+        name: str,
+        prefix: str = "",
+        output: str | None = None,
+    ) -> str:
+        """`MatMulQ8` over int8 blocks (`prefix`: reuse weights stored under it)."""
+        packed = q if isinstance(q, PackedQ8) else pack_q8(q)
+        data, scales = self.q8_consts(prefix or name, packed, stored=bool(prefix))
+        self.domains.add(EDGESLM_DOMAIN)
+        return self.node(
+            "MatMulQ8",
+            [x, data, scales],
             name=name,
-            K=q.k,
-            N=n,
-            bits=8,
-            block_size=q.block_size,
-            accuracy_level=ACCURACY_LEVEL,
+            outputs=[output] if output else None,
+            domain=EDGESLM_DOMAIN,
+            K=packed.k,
+            N=packed.n,
+            block_size=packed.block_size,
+        )[0]
+
+    def q8_consts(
+        self, stem: str, p: PackedQ8, stored: bool = False
+    ) -> tuple[str, str]:
+        """Names of a packed weight's initializers (added unless `stored`)."""
+        data, scales = f"{stem}.qweight", f"{stem}.scales"
+        if not stored:
+            self.const(data, p.data)  # (n_groups, kp / 4, 16, 4) uint8
+            self.const(scales, p.scales)  # (n_groups, n_blocks, 16) float16
+        return data, scales
+
+    def embedding_packed(
+        self, ids: str, p: PackedQ8, stem: str, ids_rank: int = 2
+    ) -> str:
+        """Rows `ids` of a table stored for `MatMulQ8` (shared with a tied output
+        projection), dequantized: `(*ids.shape, K)` float.
+
+        Row t is lane t % 16 of group t // 16: the group's data and scales are
+        gathered whole (16 rows, a few kB per token), then the lane is picked.
+        """
+        data, scales = self.q8_consts(stem, p)
+        n_blocks = p.kp // p.block_size
+        sixteen = self.shared_const("q8.group", _i64(Q8_GROUP))
+        group = self.op("Div", ids, sixteen)
+        lane = self.op("Mod", ids, sixteen)
+
+        def pick(table: str, tail: list[int]) -> str:
+            # (*ids, a, 16, *rest) -> (*ids, a, 1, *rest): each token's own row
+            rows = self.op("Gather", table, group, axis=0)
+            at = self._like_ids(lane, ids, [1] * len(tail))
+            index = self.op("Expand", at, self._shape_like_ids(ids, tail))
+            return self.op("GatherElements", rows, index, axis=ids_rank + 1)
+
+        rows = pick(data, [p.kp // 4, 1, 4])  # (*ids, kp / 4, 1, 4) uint8
+        row_scales = pick(scales, [n_blocks, 1])  # (*ids, n_blocks, 1) float16
+        values = self.op(
+            "Sub",
+            self.op("Cast", rows, to=FLOAT),
+            self.shared_const("q8.zero_point", np.array(INT8_ZERO_POINT, np.float32)),
+        )
+        blocks = self._like_ids(values, ids, [n_blocks, p.block_size])
+        scaled = self.op("Mul", blocks, self.op("Cast", row_scales, to=FLOAT))
+        return self._rows_to_width(scaled, ids, p.kp, p.k, stem)
+
+    def embedding_rows(self, ids: str, q: BlockQuantized, stem: str) -> str:
+        """Rows `ids` of a row-major int8 table, dequantized: `(*ids.shape, K)`."""
+        data = self.const(f"{stem}.qweight", q.data)  # (vocab, n_blocks, block)
+        scales = self.const(f"{stem}.scales", q.scales)  # (vocab, n_blocks) float16
+        values = self.op(
+            "Sub",
+            self.op("Cast", self.op("Gather", data, ids, axis=0), to=FLOAT),
+            self.shared_const("q8.zero_point", np.array(INT8_ZERO_POINT, np.float32)),
+        )
+        row_scales = self.op("Cast", self.op("Gather", scales, ids, axis=0), to=FLOAT)
+        last = self.shared_const("q8.last_axis", _i64([-1]))
+        scaled = self.op("Mul", values, self.op("Unsqueeze", row_scales, last))
+        kp = q.data.shape[1] * q.block_size
+        return self._rows_to_width(scaled, ids, kp, q.k, stem)
+
+    def _like_ids(self, x: str, ids: str, tail: list[int]) -> str:
+        """`x` reshaped to `(*ids.shape, *tail)`."""
+        return self.op("Reshape", x, self._shape_like_ids(ids, tail))
+
+    def _shape_like_ids(self, ids: str, tail: list[int]) -> str:
+        """The shape `(*ids.shape, *tail)`, as a tensor."""
+        return self.op(
+            "Concat",
+            self.op("Shape", ids),
+            self.shared_const(f"q8.tail.{'x'.join(map(str, tail))}", _i64(tail)),
+            axis=0,
+        )
+
+    def _rows_to_width(self, blocks: str, ids: str, kp: int, k: int, stem: str) -> str:
+        """`(*ids.shape, n_blocks, block)` dequantized rows -> `(*ids.shape, k)`."""
+        rows = self._like_ids(blocks, ids, [kp])
+        if kp == k:
+            return rows
+        last = self.shared_const("q8.last_axis", _i64([-1]))
+        ends = self.const(f"{stem}.k1", _i64([k]))
+        return self.op(
+            "Slice", rows, self.shared_const("q8.zero", _i64([0])), ends, last
         )
 
     def model(self, name: str) -> onnx.ModelProto:
@@ -209,6 +305,7 @@ class GraphBuilder:
             self.nodes, name, self.inputs, self.outputs, self.initializers
         )
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+        opsets += [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeslm")
         model.ir_version = 10
         return model
@@ -217,3 +314,102 @@ class GraphBuilder:
 INT64 = TensorProto.INT64
 INT32 = TensorProto.INT32
 FLOAT = TensorProto.FLOAT
+
+
+def _i64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+# --- the portable graph -------------------------------------------------------------
+
+
+def portable_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every `MatMulQ8` replaced by onnxruntime's `MatMulNBits`.
+
+    The packed weights are not copied: small ops undo the interleaving (reshape,
+    transpose, slice off the padding rows, cast the scales to float32), and
+    onnxruntime folds them into `MatMulNBits`' own layout when it loads the graph.
+    That costs load time and memory, which is why it is only the fallback.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes: list[onnx.NodeProto] = []
+    consts: list[onnx.TensorProto] = []
+    unpacked: dict[tuple[str, str], tuple[str, str]] = {}
+    for node in out.graph.node:
+        if node.domain != EDGESLM_DOMAIN:
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        x, data, scales = node.input
+        if (data, scales) not in unpacked:
+            unpacked[(data, scales)] = _unpack_q8(
+                nodes, consts, data, scales, k, n, block
+            )
+        weight, weight_scales = unpacked[(data, scales)]
+        # MatMulNBits computes the zero padding rows too; their columns are cut off.
+        n_padded = -(-n // Q8_GROUP) * Q8_GROUP
+        product = node.output[0] if n_padded == n else f"{node.name}/padded"
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [x, weight, weight_scales],
+                [product],
+                name=node.name,
+                domain=MS_DOMAIN,
+                K=k,
+                N=n_padded,
+                bits=8,
+                block_size=block,
+                accuracy_level=ACCURACY_LEVEL,
+            )
+        )
+        if n_padded != n:
+            cut = [f"{node.name}/{part}" for part in ("zero", "n", "axis")]
+            for name, value in zip(cut, ([0], [n], [-1]), strict=True):
+                consts.append(numpy_helper.from_array(_i64(value), name))
+            nodes.append(
+                helper.make_node(
+                    "Slice", [product, *cut], [node.output[0]], name=f"{node.name}/cut"
+                )
+            )
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(consts)
+    kept = [o for o in out.opset_import if o.domain != EDGESLM_DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(kept)
+    return out
+
+
+def _unpack_q8(
+    nodes: list[onnx.NodeProto],
+    consts: list[onnx.TensorProto],
+    data: str,
+    scales: str,
+    k: int,
+    n: int,
+    block: int,
+) -> tuple[str, str]:
+    """Appends the ops that turn packed `data`/`scales` into MatMulNBits' row-major
+    `(N padded to 16, n_blocks, block)` uint8 and float32 scales; returns their
+    names. onnxruntime keeps part of every folded intermediate after loading, so
+    the chain is as short as it can be: a transpose and a reshape each."""
+    stem = f"{data}.unpacked"
+    n_padded, kp = -(-n // Q8_GROUP) * Q8_GROUP, -(-k // block) * block
+    n_blocks = kp // block
+
+    def op(kind: str, *inputs: str, out: str, **attrs) -> str:
+        name = f"{stem}/{out}"
+        nodes.append(helper.make_node(kind, list(inputs), [name], name=name, **attrs))
+        return name
+
+    w_shape, s_shape = f"{stem}/const_w_shape", f"{stem}/const_s_shape"
+    consts.append(numpy_helper.from_array(_i64([n_padded, n_blocks, block]), w_shape))
+    consts.append(numpy_helper.from_array(_i64([n_padded, n_blocks]), s_shape))
+    w = op("Transpose", data, out="rows", perm=[0, 2, 1, 3])  # (groups, 16, kp/4, 4)
+    w = op("Reshape", w, w_shape, out="w")
+    s = op("Transpose", scales, out="scale_rows", perm=[0, 2, 1])  # (groups, 16, nb)
+    s = op("Reshape", op("Cast", s, out="scale_f32", to=FLOAT), s_shape, out="s")
+    return w, s

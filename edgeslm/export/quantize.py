@@ -1,15 +1,18 @@
-"""Weight quantization for export: block-wise int8, stored as `MatMulNBits` wants it.
+"""Weight quantization for export: block-wise int8 and 4-bit blocks.
 
-A weight `(N, K)` is split along K into blocks of `block_size` values; each block keeps
-one float32 scale (`max|w| / 127`) and its values as `round(w / scale) + 128` in uint8
-(zero point 128, symmetric). This is the layout of llama.cpp's Q8_0 and of
-onnxruntime's 8-bit `MatMulNBits`, so the same bytes serve the embedding gather and a
-tied output projection.
+int8: a weight `(N, K)` is split along K into blocks of `block_size` values; each
+block keeps one scale (`max|w| / 127`, stored as float16) and its values as
+`round(w / scale) + 128` in uint8 (zero point 128, symmetric), as llama.cpp's Q8_0
+does. `pack_q8` lays the blocks out for edgeslm's `MatMulQ8` operator: rows
+interleaved in groups of 16, four inputs at a time (kernels/qmatmul.c), so the
+kernel reads 16 rows' inputs with one load. The same bytes serve the embedding
+gather and a tied output projection.
 
 4-bit blocks (`Int4Blocks`) follow GGUF's Q4_1: 32 values, a float scale and a float
 minimum per block, so a Q4_1 (or Q4_0) tensor of a GGUF file carries over exactly.
 
-Not yet: activation-aware scaling.
+`reference_matmul_q8` is the numpy statement of what `MatMulQ8` computes, which the
+kernel is tested against.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class BlockQuantized:
 
     Attributes:
         data: `(N, n_blocks, block_size)` uint8, value + 128.
-        scales: `(N, n_blocks)` float32.
+        scales: `(N, n_blocks)` float16.
         k: the unpadded input dimension.
     """
 
@@ -42,7 +45,7 @@ class BlockQuantized:
     def dequantize(self) -> np.ndarray:
         """Back to float32 `(N, K)`, for fidelity checks."""
         values = self.data.astype(np.float32) - INT8_ZERO_POINT
-        full = values * self.scales[:, :, None]
+        full = values * self.scales.astype(np.float32)[:, :, None]
         return full.reshape(self.data.shape[0], -1)[:, : self.k]
 
 
@@ -50,6 +53,11 @@ def quantize_int8_blocks(weight: np.ndarray, block_size: int = 32) -> BlockQuant
     """Quantize `(N, K)` float weights to symmetric int8 blocks of `block_size`.
 
     K is zero-padded to a multiple of `block_size`; padded values quantize to 0.
+    Each block's scale is rounded to float16 first and the values are rounded
+    against that stored scale, so dequantizing uses exactly what was rounded to.
+
+    Raises:
+        ValueError: not 2-D, or a block too large for a float16 scale.
     """
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {weight.shape}")
@@ -60,11 +68,106 @@ def quantize_int8_blocks(weight: np.ndarray, block_size: int = 32) -> BlockQuant
     blocks = padded.reshape(n, n_blocks, block_size)
 
     # One scale per block; an all-zero block keeps scale 1 so nothing divides by 0.
-    scales = np.abs(blocks).max(axis=2) / 127.0
+    amax = np.abs(blocks).max(axis=2)
+    if not np.isfinite(amax).all() or amax.max(initial=0) / 127 > HALF_MAX:
+        raise ValueError(
+            f"weights up to {amax.max():g} cannot be int8 blocks with float16 scales "
+            f"(at most {HALF_MAX * 127:g}); the checkpoint is probably corrupt"
+        )
+    scales = (amax / 127.0).astype(np.float16)
     scales[scales == 0] = 1.0
-    q = np.rint(blocks / scales[:, :, None]).clip(-127, 127)
+    q = np.rint(blocks / scales.astype(np.float32)[:, :, None]).clip(-127, 127)
     data = (q + INT8_ZERO_POINT).astype(np.uint8)
-    return BlockQuantized(data=data, scales=scales.astype(np.float32), k=k)
+    return BlockQuantized(data=data, scales=scales, k=k)
+
+
+# --- the MatMulQ8 layout -------------------------------------------------------------
+
+# Rows per interleaved group, and the activation chunk of the kernel
+# (kernels/qmatmul.h: ESL_QMM_GROUP, ESL_QMM_CHUNK).
+Q8_GROUP = 16
+Q8_CHUNK = 32
+HALF_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class PackedQ8:
+    """int8 blocks in `MatMulQ8`'s layout (rows past `n` are zero).
+
+    Attributes:
+        data: `(n_groups, kp / 4, 16, 4)` uint8: row 16g + r, inputs 4j..4j+3.
+        scales: `(n_groups, n_blocks, 16)` float16.
+        n: the real number of rows.
+        k: the unpadded input dimension.
+        block_size: the weight block length.
+    """
+
+    data: np.ndarray
+    scales: np.ndarray
+    n: int
+    k: int
+    block_size: int
+
+    @property
+    def kp(self) -> int:
+        return int(self.data.shape[1] * 4)
+
+
+def pack_q8(q: BlockQuantized) -> PackedQ8:
+    """Interleave block-quantized rows in groups of 16 for `MatMulQ8`."""
+    n, n_blocks, block = q.data.shape
+    kp = n_blocks * block
+    groups = -(-n // Q8_GROUP)
+    rows = np.full((groups * Q8_GROUP, kp), INT8_ZERO_POINT, dtype=np.uint8)
+    rows[:n] = q.data.reshape(n, kp)
+    scales = np.zeros((groups * Q8_GROUP, n_blocks), dtype=np.float16)
+    scales[:n] = q.scales
+    data = rows.reshape(groups, Q8_GROUP, kp // 4, 4).transpose(0, 2, 1, 3)
+    return PackedQ8(
+        data=np.ascontiguousarray(data),
+        scales=np.ascontiguousarray(
+            scales.reshape(groups, Q8_GROUP, n_blocks).transpose(0, 2, 1)
+        ),
+        n=n,
+        k=q.k,
+        block_size=block,
+    )
+
+
+def unpack_q8(p: PackedQ8) -> BlockQuantized:
+    """The row-major blocks of a packed weight (`pack_q8` undone)."""
+    groups = p.data.shape[0]
+    rows = p.data.transpose(0, 2, 1, 3).reshape(groups * Q8_GROUP, p.kp)[: p.n]
+    scales = p.scales.transpose(0, 2, 1).reshape(groups * Q8_GROUP, -1)[: p.n]
+    return BlockQuantized(
+        data=np.ascontiguousarray(rows.reshape(p.n, -1, p.block_size)),
+        scales=np.ascontiguousarray(scales),
+        k=p.k,
+    )
+
+
+def reference_matmul_q8(x: np.ndarray, p: PackedQ8) -> np.ndarray:
+    """What `MatMulQ8` computes for `x` `(M, K)`, in numpy (sums in float64).
+
+    Activations are quantized per row in chunks of 32: scale `max|x| / 127` (float32),
+    values `rint(x / scale)`; each chunk's exact integer dot product with the weight
+    rows is scaled by the two scales and summed.
+    """
+    m = x.shape[0]
+    padded = np.zeros((m, p.kp), dtype=np.float32)
+    padded[:, : p.k] = x
+    chunks = padded.reshape(m, -1, Q8_CHUNK)
+    sx = (np.abs(chunks).max(axis=2) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), sx, out=np.zeros_like(sx), where=sx != 0)
+    qx = np.clip(np.rint(chunks * inv[:, :, None]), -127, 127).astype(np.int64)
+
+    blocks = unpack_q8(p)
+    qw = blocks.data.astype(np.int64).reshape(p.n, -1, Q8_CHUNK) - INT8_ZERO_POINT
+    dots = np.einsum("mcj,ncj->mnc", qx, qw).astype(np.float64)
+    per_chunk = p.block_size // Q8_CHUNK
+    sw = np.repeat(blocks.scales.astype(np.float32), per_chunk, axis=1)
+    scale = (sx[:, None, :] * sw[None, :, :]).astype(np.float64)
+    return (dots * scale).sum(axis=2)
 
 
 # --- 4-bit blocks -----------------------------------------------------------------

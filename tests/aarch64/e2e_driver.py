@@ -5,25 +5,31 @@ Not a pytest module (pytest collects `test_*.py` only). One file serves both sid
     make-packages  (host)  a tiny random-weight Llama saved as a Hugging Face folder
                            with the llama SentencePiece tokenizer, exported with
                            `edgeslm.export.export_model` as int8 and fp32 packages,
-                           plus `int8-fp32compute`: the int8 package with its
-                           MatMulNBits nodes set to accuracy_level 1 (fp32 compute)
+                           plus `int8-portable` (the int8 package running its
+                           portable graph: onnxruntime's MatMulNBits instead of
+                           edgeslm's MatMulQ8) and `int8-portable-fp32compute` (that
+                           graph with MatMulNBits set to accuracy_level 1)
     generate       (host or emulated)  greedy `generate("hello")` on each package,
                            and the logits of every step with the reference tokens
                            fed back (teacher forcing), into a result folder
     check-host     (host)  the reference is decisive enough to compare against
     compare        (host)  one emulated run against the host run
 
-What is compared, and why two int8 references: onnxruntime runs an int8 package's
-MatMulNBits (accuracy_level 4) with int8-quantized activations and integer dot
-products where it has a kernel for that: x86-64 and ARMv8.2 with dotprod (Pi 5,
-Cortex-A76). On ARMv8.0 (Pi 4, Cortex-A72) it has none and computes in fp32 from the
-dequantized weights instead, which moves logits by up to ~1e-2 of their range: a
-legitimate difference of algorithm, not an emulation error. So an emulated int8 run
-must equal (tokens) and match within LOGIT_TOLERANCE (logits) the host run of the same
-computation: `int8` or `int8-fp32compute`; `compare` says which one it matched. fp32
-runs must match the host's fp32 run. The tiny model is initialised with a large
-weight scale so that its greedy choices are decisive (check-host enforces a margin),
-which keeps token equality meaningful instead of flaky.
+What is compared, and why: the int8 package runs edgeslm's own MatMulQ8 kernel on
+both sides (AVX-512 or AVX2 on the host; NEON on the Pi 4's Cortex-A72, NEON dot
+product on the Pi 5's Cortex-A76), whose integer products are exact everywhere, so
+only the order of float sums differs: the logits must match the host's within
+LOGIT_TOLERANCE and the tokens exactly. The portable graph runs onnxruntime's
+MatMulNBits (accuracy_level 4), which quantizes activations and uses integer dot
+products where onnxruntime has a kernel for that: x86-64 and ARMv8.2 with dotprod.
+On ARMv8.0 it has none and computes in fp32 from the dequantized weights instead,
+which moves logits by up to ~1e-2 of their range: a legitimate difference of
+algorithm, not an emulation error. So an emulated portable run must equal the host
+run of the same computation, `int8-portable` or `int8-portable-fp32compute`, and
+`compare` says which one it matched. fp32 runs must match the host's fp32 run. The
+tiny model is initialised with a large weight scale so that its greedy choices are
+decisive (check-host enforces a margin), which keeps token equality meaningful
+instead of flaky.
 """
 
 from __future__ import annotations
@@ -66,9 +72,11 @@ TINY_LLAMA = dict(
 )
 SEED = 1234
 GGUF_VOCAB = "tokenizers/ggml-vocab-llama-spm.gguf"
-PACKAGES = ("int8", "fp32")  # what both sides run
-FP32_COMPUTE = "int8-fp32compute"  # host-only reference for CPUs without int8 kernels
-FEED_FROM = {FP32_COMPUTE: "int8"}  # whose tokens a package is teacher-forced with
+PACKAGES = ("int8", "int8-portable", "fp32")  # what both sides run
+PORTABLE = "int8-portable"
+# Host-only reference for CPUs where onnxruntime has no int8 MatMulNBits kernel.
+FP32_COMPUTE = "int8-portable-fp32compute"
+FEED_FROM = {FP32_COMPUTE: PORTABLE}  # whose tokens a package is teacher-forced with
 
 
 # --------------------------------------------------------------------------- host
@@ -107,35 +115,42 @@ def make_packages(shared_data: Path, out: Path) -> None:
         **TINY_LLAMA,
     )
     LlamaForCausalLM(config).eval().save_pretrained(hf, safe_serialization=True)
-    for dtype in PACKAGES:
+    for dtype in ("int8", "fp32"):
         export_model(hf, out / f"pkg-{dtype}", dtype=dtype, overwrite=True)
-    _fp32_compute_copy(out / "pkg-int8", out / f"pkg-{FP32_COMPUTE}")
+    _portable_copy(out / "pkg-int8", out / f"pkg-{PORTABLE}", accuracy_level=None)
+    _portable_copy(out / "pkg-int8", out / f"pkg-{FP32_COMPUTE}", accuracy_level=1)
     log.info("packages written to %s (vocab %d)", out, len(vocab))
 
 
-def _fp32_compute_copy(src: Path, dst: Path) -> None:
-    """Copies an int8 package with every MatMulNBits set to accuracy_level 1."""
+def _portable_copy(src: Path, dst: Path, accuracy_level: int | None) -> None:
+    """Copies an int8 package so that it runs its portable graph (as model.onnx,
+    needing no custom operator), optionally with every MatMulNBits set to
+    `accuracy_level`."""
     import onnx
 
     from edgeslm.manifest import Manifest, sha256_file
 
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
+    manifest = Manifest.read(dst)
     # The weights stay in the package's external data file, shared and unchanged.
-    model = onnx.load(str(dst / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(dst / manifest.portable_model), load_external_data=False)
     changed = 0
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type == "MatMulNBits" and accuracy_level is not None:
             for attribute in node.attribute:
                 if attribute.name == "accuracy_level":
-                    attribute.i = 1
+                    attribute.i = accuracy_level
                     changed += 1
-    if not changed:
+    if accuracy_level is not None and not changed:
         raise RuntimeError(f"{src}: no MatMulNBits accuracy_level to change")
     onnx.save_model(model, str(dst / "model.onnx"))
-    manifest = Manifest.read(dst)
-    files = {**manifest.files, "model.onnx": sha256_file(dst / "model.onnx")}
-    dataclasses.replace(manifest, files=files).write(dst)
+    (dst / manifest.portable_model).unlink()
+    files = {n: h for n, h in manifest.files.items() if n != manifest.portable_model}
+    files["model.onnx"] = sha256_file(dst / "model.onnx")
+    dataclasses.replace(
+        manifest, files=files, custom_ops=(), portable_model=None
+    ).write(dst)
 
 
 # --------------------------------------------------------------------------- both
@@ -219,8 +234,8 @@ def check_host(host: Path) -> int:
                 f"{name} has a near-tie (top-1 margin "
                 f"{ref[name]['min_top1_margin']:.2g} < {MIN_TOP1_MARGIN})"
             )
-    if ref[FP32_COMPUTE]["tokens"] != ref["int8"]["tokens"]:
-        problems.append("int8 tokens depend on the compute type")
+    if ref[FP32_COMPUTE]["tokens"] != ref[PORTABLE]["tokens"]:
+        problems.append("the portable graph's tokens depend on the compute type")
     for problem in problems:
         print(f"aarch64: host reference: FAIL {problem}; change SEED or TINY_LLAMA")
     if not problems:
@@ -251,7 +266,7 @@ def compare(host: Path, emulated: Path, label: str, kernel: str) -> int:
             continue
         logits = np.load(emulated / f"{name}-logits.npy")
         # Host computations this run may legitimately equal (see the module doc).
-        candidates = [name] + ([FP32_COMPUTE] if name == "int8" else [])
+        candidates = [name] + ([FP32_COMPUTE] if name == PORTABLE else [])
         diffs = {
             c: float(np.abs(logits - np.load(host / f"{c}-logits.npy")).max())
             for c in candidates

@@ -1,0 +1,314 @@
+"""The int8 block matmul (kernels/qmatmul.c) and its onnxruntime operator.
+
+- The kernel against the numpy statement of the same computation
+  (`edgeslm.export.quantize.reference_matmul_q8`) at every SIMD level this CPU has,
+  on awkward sizes: rows not a multiple of 16, inputs padded to the block, every
+  block length, prompt-sized batches.
+- `ai.edgeslm::MatMulQ8` run by onnxruntime (1 and 2 threads, extra leading dims),
+  its errors, and the portable graph (`MatMulNBits`) that replaces it without the
+  kernel.
+- A package runs the same with the kernel and, in a process without it, with its
+  portable graph.
+The C kernel must be built (`pip install -e .`); a missing library fails these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import edgeslm
+from edgeslm import _kernel
+from edgeslm.errors import ModelFormatError
+from edgeslm.export.onnx_graph import GraphBuilder, portable_model
+from edgeslm.export.quantize import (
+    pack_q8,
+    quantize_int8_blocks,
+    reference_matmul_q8,
+    unpack_q8,
+)
+from edgeslm.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return _kernel.require()
+
+
+@pytest.fixture
+def levels(lib):
+    """Every matmul SIMD level this CPU supports; restores the best one after."""
+    best = lib.esl_qmm_set_level(99)
+    yield list(range(best + 1))
+    lib.esl_qmm_set_level(best)
+
+
+def _weights(rng, n: int, k: int, block: int):
+    w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.2, 2, (n, 1))
+    return pack_q8(quantize_int8_blocks(w.astype(np.float32), block))
+
+
+def _activations(rng, m: int, k: int) -> np.ndarray:
+    # Channels of very different ranges, as after an RMS norm.
+    scale = rng.uniform(0.05, 4.0, size=(1, k)).astype(np.float32)
+    return (rng.standard_normal((m, k)).astype(np.float32) * scale).astype(np.float32)
+
+
+def _c_matmul(lib, x: np.ndarray, p) -> np.ndarray:
+    y = np.full((x.shape[0], p.n), np.nan, dtype=np.float32)
+    status = lib.esl_qmm_matmul(
+        x.ctypes.data,
+        x.shape[0],
+        x.shape[1],
+        p.data.ctypes.data,
+        p.scales.ctypes.data,
+        p.n,
+        p.block_size,
+        y.ctypes.data,
+    )
+    _kernel.check(status, "esl_qmm_matmul")
+    return y
+
+
+def _tolerance(x: np.ndarray, p) -> np.ndarray:
+    """Float32 summation error bound: a small multiple of the sum of |terms|."""
+    w = unpack_q8(p).dequantize()
+    return 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-6
+
+
+def test_half_conversion_is_exact_for_every_value(lib):
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    want = halves.view(np.float16).astype(np.float32)
+    got = np.array([lib.esl_qmm_half(int(h)) for h in halves], dtype=np.float32)
+    same = (want.view(np.uint32) == got.view(np.uint32)) | (
+        np.isnan(want) & np.isnan(got)
+    )
+    assert same.all(), halves[~same][:5]
+
+
+def test_packing_round_trips():
+    rng = np.random.default_rng(1)
+    q = quantize_int8_blocks(rng.standard_normal((37, 96)).astype(np.float32), 32)
+    p = pack_q8(q)
+    assert p.data.shape == (3, 24, 16, 4) and p.scales.shape == (3, 3, 16)
+    back = unpack_q8(p)
+    np.testing.assert_array_equal(back.data, q.data)
+    np.testing.assert_array_equal(back.scales, q.scales)
+    # Padding rows are zero (q + 128 = 128) with zero scales.
+    rows = p.data.transpose(0, 2, 1, 3).reshape(48, 96)
+    assert (rows[37:] == 128).all() and (p.scales[2, :, 5:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "m, k, n, block",
+    [
+        (1, 576, 960, 32),  # a decode step of SmolLM2's QKV projection
+        (1, 1536, 576, 32),
+        (1, 576, 49152, 32),  # the tied head
+        (5, 576, 1536, 64),
+        (9, 800, 13, 32),  # K padded to the block, N not a multiple of 16
+        (3, 1536, 70, 128),
+        (2, 300, 9, 256),
+        (17, 96, 40, 32),  # rows in tiles of 8, 4 or 2 plus a remainder
+        (128, 64, 33, 64),
+    ],
+)
+def test_kernel_matches_the_numpy_statement(lib, levels, m, k, n, block):
+    rng = np.random.default_rng(m * 7 + n)
+    p = _weights(rng, n, k, block)
+    x = _activations(rng, m, k)
+    want = reference_matmul_q8(x, p)
+    bound = _tolerance(x, p)
+    for level in levels:
+        lib.esl_qmm_set_level(level)
+        got = _c_matmul(lib, x, p)
+        err = np.abs(got - want)
+        assert (err <= bound).all(), (lib.esl_qmm_name(), float(err.max()))
+
+
+def test_kernel_is_close_to_the_float_product(lib):
+    # The int8 rounding of weights and activations, not the kernel, sets the error.
+    rng = np.random.default_rng(3)
+    p = _weights(rng, 64, 576, 32)
+    x = _activations(rng, 4, 576)
+    exact = x.astype(np.float64) @ unpack_q8(p).dequantize().T.astype(np.float64)
+    got = _c_matmul(lib, x, p)
+    rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+    assert rel < 0.02
+
+
+def test_non_finite_activations_poison_only_their_row(lib, levels):
+    rng = np.random.default_rng(4)
+    p = _weights(rng, 20, 64, 32)
+    x = _activations(rng, 3, 64)
+    x[1, 5] = np.nan
+    x[2, 40] = np.inf
+    for level in levels:
+        lib.esl_qmm_set_level(level)
+        y = _c_matmul(lib, x, p)
+        assert np.isfinite(y[0]).all()
+        assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
+
+
+def test_kernel_rejects_sizes_it_cannot_hold(lib):
+    x = np.zeros((1, 64), np.float32)
+    p = _weights(np.random.default_rng(5), 16, 64, 32)
+    for block in (16, 48, 512):
+        status = lib.esl_qmm_matmul(
+            x.ctypes.data, 1, 64, p.data.ctypes.data, p.scales.ctypes.data, 16,
+            block, x.ctypes.data,
+        )  # fmt: skip
+        assert status == _kernel.ERR_ARG
+    assert lib.esl_qmm_matmul(0, 1, 64, 0, 0, 16, 32, 0) == _kernel.ERR_ARG
+
+
+# --- the onnxruntime operator ---------------------------------------------------
+
+
+def _graph(p, dims, *, constant: bool = True) -> onnx.ModelProto:
+    """y = MatMulQ8(x, p) with x of shape (*dims, K)."""
+    b = GraphBuilder("int8", p.block_size)
+    b.input("x", TensorProto.FLOAT, [*dims, p.k])
+    b.linear_q("x", p, "mm", output="y")
+    b.output("y", TensorProto.FLOAT, [*dims, p.n])
+    model = b.model("q8")
+    if not constant:  # weights fed at run time instead of stored
+        inits = {t.name: t for t in model.graph.initializer}
+        del model.graph.initializer[:]
+        for name in ("mm.qweight", "mm.scales"):
+            tensor = inits[name]
+            free = [f"{name}.{i}" for i in range(len(tensor.dims))]
+            model.graph.input.append(
+                helper.make_tensor_value_info(name, tensor.data_type, free)
+            )
+    return model
+
+
+def _session(model: onnx.ModelProto, threads: int = 1, ops: bool = True):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if ops:
+        options.register_custom_ops_library(str(_kernel.operator_library()))
+    return ort.InferenceSession(model.SerializeToString(), options)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "dims, k, n, block",
+    [([1, 1], 576, 960, 32), ([1, 7], 576, 3072, 64), ([3, 5], 100, 50, 32)],
+)
+def test_operator_in_onnxruntime(lib, threads, dims, k, n, block):
+    rng = np.random.default_rng(n)
+    p = _weights(rng, n, k, block)
+    x = _activations(rng, int(np.prod(dims)), k).reshape(*dims, k)
+    (y,) = _session(_graph(p, dims), threads).run(None, {"x": x})
+    assert y.shape == (*dims, n)
+    flat = x.reshape(-1, k)
+    err = np.abs(y.reshape(-1, n) - reference_matmul_q8(flat, p))
+    assert (err <= _tolerance(flat, p)).all()
+
+
+def test_operator_errors_name_the_problem(lib):
+    rng = np.random.default_rng(6)
+    p = _weights(rng, 32, 64, 32)
+    session = _session(_graph(p, [1, "n"]))
+    with pytest.raises(Exception, match="64"):  # onnxruntime checks the declared K
+        session.run(None, {"x": np.zeros((1, 2, 63), np.float32)})
+
+    # Weights that are graph inputs are checked on every run, against K, N, block.
+    fed = _session(_graph(p, [1, 1], constant=False))
+    feeds = {"x": np.zeros((1, 1, 64), np.float32), "mm.scales": p.scales}
+    with pytest.raises(Exception, match="MatMulQ8: B must be uint8 with 2048"):
+        fed.run(None, {**feeds, "mm.qweight": p.data[:1]})
+    (y,) = fed.run(None, {**feeds, "mm.qweight": p.data})
+    assert y.shape == (1, 1, 32)
+
+    # Attributes out of range are refused when the session is made.
+    bad = _graph(p, [1, 1])
+    for attr in bad.graph.node[0].attribute:
+        if attr.name == "block_size":
+            attr.i = 48
+    with pytest.raises(Exception, match="block_size=48"):
+        _session(bad)
+
+
+def test_portable_graph_runs_without_the_operator():
+    rng = np.random.default_rng(7)
+    p = _weights(rng, 50, 576, 32)
+    x = _activations(rng, 3, 576).reshape(1, 3, 576)
+    model = _graph(p, [1, 3])
+    portable = portable_model(model)
+    assert {n.op_type for n in portable.graph.node} >= {"MatMulNBits"}
+    assert all(n.domain != "ai.edgeslm" for n in portable.graph.node)
+    (ours,) = _session(model).run(None, {"x": x})
+    (theirs,) = _session(portable, ops=False).run(None, {"x": x})
+    # Where onnxruntime quantizes activations as MatMulQ8 does (x86-64, ARMv8.2),
+    # only the float order differs; on ARMv8.0 it computes in fp32 instead, which
+    # differs by the int8 rounding of the activations. A wrongly unpacked weight
+    # would differ by the whole product.
+    rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
+    assert rel < 1e-2, rel
+
+
+# --- packages ---------------------------------------------------------------------
+
+
+def test_package_runs_its_portable_graph_without_the_kernel(tiny_package):
+    manifest = Manifest.read(tiny_package)
+    assert manifest.custom_ops == ("ai.edgeslm",)
+    assert manifest.portable_model in manifest.files
+    model = edgeslm.load(tiny_package, n_threads=1)
+    ours = model.generate("hello", max_tokens=8)
+    logits = model.forward(model.tokenize("the weather")).copy()
+
+    script = (
+        "import json, sys, edgeslm\n"
+        "m = edgeslm.load(sys.argv[1], n_threads=1)\n"
+        "r = m.generate('hello', max_tokens=8)\n"
+        "l = m.forward(m.tokenize('the weather'))\n"
+        "print(json.dumps({'tokens': r.tokens, 'logits': l.tolist()}))\n"
+    )
+    env = {**os.environ, "EDGESLM_KERNEL": "numpy"}
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_package)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert "running" in run.stderr and "onnxruntime's own int8 operator" in run.stderr
+    theirs = json.loads(run.stdout)
+    assert theirs["tokens"] == ours.tokens
+    np.testing.assert_allclose(theirs["logits"], logits, rtol=0, atol=2e-3)
+
+
+def test_package_without_portable_graph_needs_the_kernel(tiny_package, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_package, tmp_path / "copy"))
+    data = json.loads((copy / "edgeslm.json").read_text())
+    data["portable_model"] = None
+    (copy / "edgeslm.json").write_text(json.dumps(data))
+    script = "import sys, edgeslm; edgeslm.load(sys.argv[1], verify=False)"
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(copy)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EDGESLM_KERNEL": "numpy"},
+    )
+    assert run.returncode != 0
+    assert "needs edgeslm's C kernel" in run.stderr and "C compiler" in run.stderr
+
+    data["custom_ops"] = ["com.example.unknown"]
+    (copy / "edgeslm.json").write_text(json.dumps(data))
+    with pytest.raises(ModelFormatError, match="com.example.unknown"):
+        edgeslm.load(copy, verify=False)
