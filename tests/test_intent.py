@@ -15,9 +15,11 @@ from edgeslm.intent.recognizer import (
     STATE_CHANGING,
     Guess,
     IntentRecognizer,
+    check,
     load_recognizer,
 )
-from edgeslm.intent.registry import load_registry
+from edgeslm.intent.registry import load_registry, registry_from_dict
+from edgeslm.intent.result import IntentResult
 
 REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / "firmware_bridge" / "examples" / "home.yaml"
@@ -110,19 +112,38 @@ def test_bad_input_is_refused_or_rejected(templates_only):
 
 
 @pytest.mark.parametrize(
-    "text,intent,devices",
+    "text,intent,devices,threshold",
     [
         (
             "it's way too bright in the office",
             "HassLightSetRelative",
             {"light.desk_lamp"},
+            None,
         ),
-        ("the kitchen light is too dim", "HassLightSetRelative", {"light.kitchen"}),
-        ("could you kill the light in the kitchen", "HassTurnOff", {"light.kitchen"}),
-        ("kichen light to fourty percent", "HassLightSet", {"light.kitchen"}),
+        (
+            "the kitchen light is too dim",
+            "HassLightSetRelative",
+            {"light.kitchen"},
+            None,
+        ),
+        # Pinned to 0.75 so that it does not move with the calibrated default
+        # (docs/INTENTS.md, "Thresholds"): the default was 0.9, which refused it,
+        # until the near-miss examples of 2026-12-04 brought it to 0.7.
+        (
+            "could you kill the light in the kitchen",
+            "HassTurnOff",
+            {"light.kitchen"},
+            0.75,
+        ),
+        ("kichen light to fourty percent", "HassLightSet", {"light.kitchen"}, None),
     ],
 )
-def test_encoder_layer_answers_paraphrases(rec, text, intent, devices):
+def test_encoder_layer_answers_paraphrases(
+    rec, monkeypatch, text, intent, devices, threshold
+):
+    if threshold is not None:
+        monkeypatch.setattr(rec, "threshold", threshold)
+        monkeypatch.setattr(rec, "chat_threshold", threshold)
     result = rec.recognize(text)
     assert result.intent == intent, result
     assert set(result.devices) == devices and result.actionable
@@ -276,6 +297,91 @@ def test_chat_layer_failure_falls_back_to_not_recognized(rec):
     broken = IntentRecognizer(rec.registry, encoder=rec.encoder, chat=Broken())
     guess = Guess([("HassTurnOff", 0.45)], rec.classifier.answerable, "light", 0.9)
     assert broken.chat_layer("switch off the kitchen light", {}, guess) is None
+
+
+# --- HassVacuumCleanArea: the area is the room to clean ----------------------------
+
+VACUUM_HOME = {
+    "areas": [
+        {"id": "hallway", "name": "Hallway"},
+        {"id": "bedroom", "name": "Bedroom"},
+    ],
+    "devices": [
+        {"id": "vacuum.robot", "name": "Robot Vacuum", "area": "hallway"},
+        {"id": "light.bedroom", "name": "Bedroom Lamp", "area": "bedroom"},
+    ],
+}
+
+
+class VacuumChat:
+    """A chat model that always sends the robot vacuum to do `intent`."""
+
+    def __init__(self, intent: str = "HassVacuumCleanArea") -> None:
+        self.intent = intent
+
+    def chat(self, *args, **kwargs):
+        reply = {"intent": self.intent, "device": "Robot Vacuum"}
+        return type("Reply", (), {"text": json.dumps(reply)})()
+
+
+def vacuum_home(ranked: list[tuple[str, float]]) -> IntentRecognizer:
+    """Layers (b) and (c) without the models: the encoder's guess is `ranked`.
+
+    The thresholds are fixed here (0.8 and 0.4), so a test picks its layer by `p`
+    whatever the calibrated defaults are.
+    """
+    rec = IntentRecognizer(
+        registry_from_dict(VACUUM_HOME),
+        encoder=False,
+        threshold=0.8,
+        chat_threshold=0.4,
+    )
+    guess = Guess(ranked, [i for i, _ in ranked], "vacuum", 0.9)
+    chat = VacuumChat(ranked[0][0])
+    rec.classifier, rec.classify, rec._chat = object(), lambda _: guess, chat
+    return rec
+
+
+@pytest.mark.parametrize(
+    "text,p,layer",
+    [
+        ("vacuum the bedroom", 0.0, "template"),
+        ("clean the carpet in the bedroom", 0.98, "encoder"),
+        ("clean the carpet in the bedroom", 0.5, "chat"),
+    ],
+)
+def test_clean_area_sends_the_vacuum_wherever_it_stands(text, p, layer):
+    # As Home Assistant's handler does it: the area is where to clean, not where
+    # the vacuum is (here the hallway); the vacuum is the home's.
+    rec = vacuum_home([("HassVacuumCleanArea", p), ("HassVacuumStart", 1 - p)])
+    result = rec.recognize(text, {"area": "Hallway"})
+    assert (result.intent, result.layer) == ("HassVacuumCleanArea", layer), result
+    assert result.slots == {"area": "Bedroom"} and result.actionable
+    assert result.devices == ("vacuum.robot",)
+
+
+@pytest.mark.parametrize("intent", ["HassVacuumStart", "HassVacuumReturnToBase"])
+@pytest.mark.parametrize("p,layer", [(0.98, "encoder"), (0.5, "chat")])
+@pytest.mark.parametrize("context", [{}, {"area": "Bedroom"}])
+def test_satellite_area_does_not_reject_the_vacuum_of_the_home(
+    intent, p, layer, context
+):
+    # Home Assistant targets these by the sentence's name and area; the satellite's
+    # area (the bedroom, no vacuum there) only prefers vacuums that stand in it.
+    rec = vacuum_home([(intent, p), ("NONE", 1 - p)])
+    result = rec.recognize("the floors are filthy", context)
+    assert (result.intent, result.layer) == (intent, layer), result
+    assert result.actionable and result.devices == ("vacuum.robot",)
+    assert "area" not in result.slots
+
+
+def test_clean_area_needs_an_area_of_the_site():
+    rec = IntentRecognizer(registry_from_dict(VACUUM_HOME), encoder=False)
+    attic = IntentResult("vacuum the attic", "HassVacuumCleanArea", {"area": "Attic"})
+    assert check(rec.registry, rec.resolver, attic) == (
+        (),
+        "this site has no area Attic",
+    )
 
 
 # --- the Python API for the bridge, and the command line ------------------------------

@@ -237,6 +237,55 @@ def test_context_area_is_used_when_the_text_names_none(resolver):
     assert not got.grounded
 
 
+def test_context_area_prefers_its_own_devices(resolver):
+    # Lights in three rooms: "turn on the light" said in the kitchen is its light.
+    got = resolver.resolve("turn on the light", "HassTurnOn", {"area": "Kitchen"})
+    assert got.slots == {"area": "Kitchen", "domain": "light"}
+    assert got.devices == ["light.kitchen"]
+
+
+def test_context_area_never_rejects_the_devices_of_the_home(resolver):
+    # The one thermostat is in the living room; asked in the kitchen it is meant.
+    got = resolver.resolve(
+        "make it twenty one degrees", "HassClimateSetTemperature", {"area": "Kitchen"}
+    )
+    assert got.devices == ["climate.thermostat"] and "area" not in got.slots
+    # The bedroom has no light: "lights on" there means what it means anywhere.
+    bedroom = resolver.resolve("lights on", "HassTurnOn", {"area": "Bedroom"})
+    assert bedroom == resolver.resolve("lights on", "HassTurnOn")
+    assert len(bedroom.devices) == 3
+
+
+TWO_VACUUMS = {
+    "areas": [
+        {"id": "kitchen", "name": "Kitchen"},
+        {"id": "hallway", "name": "Hallway"},
+        {"id": "office", "name": "Office"},
+    ],
+    "devices": [
+        {"id": "vacuum.kitchen", "name": "Kitchen Robot", "area": "kitchen"},
+        {"id": "vacuum.hallway", "name": "Hallway Robot", "area": "hallway"},
+    ],
+}
+
+
+@pytest.mark.parametrize("intent", ["HassVacuumStart", "HassVacuumReturnToBase"])
+@pytest.mark.parametrize(
+    "area,devices",
+    [
+        (None, ["vacuum.kitchen", "vacuum.hallway"]),
+        ("Kitchen", ["vacuum.kitchen"]),  # a choice: the satellite's area decides
+        ("Office", ["vacuum.kitchen", "vacuum.hallway"]),  # none there: no filter
+    ],
+)
+def test_context_area_chooses_among_vacuums(intent, area, devices):
+    resolver = SlotResolver(registry_from_dict(TWO_VACUUMS))
+    context = {"area": area} if area else {}
+    got = resolver.resolve("the floors are filthy", intent, context)
+    assert got.devices == devices and got.grounded
+    assert got.slots.get("area") == (area if area == "Kitchen" else None)
+
+
 def test_targets_follow_home_assistant_matching(resolver):
     assert resolver.targets({}) == []
     first = {d.id for d in resolver.targets({"floor": "First Floor"})}

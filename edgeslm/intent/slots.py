@@ -159,6 +159,10 @@ INTENT_DOMAIN = {
     "HassFanSetSpeed": "fan",
 }
 LIGHT_INTENTS = ("HassLightSet", "HassLightSetRelative")
+# Intents whose area (or floor) is where to act, not where the device is: Home
+# Assistant's HassVacuumCleanArea sends the named vacuum, or every vacuum of the
+# home, to clean that area, wherever the vacuum stands.
+PLACE_INTENTS = frozenset({"HassVacuumCleanArea"})
 # Slots that pick devices; a state-changing answer needs at least one of them.
 TARGET_SLOTS = ("name", "area", "floor", "domain")
 _NUMBER = re.compile(r"\b(\d+(?:\.\d+)?)\s*(percent|per cent|degrees?)?\b")
@@ -354,8 +358,8 @@ class SlotResolver:
         if floor is not None:
             out.slots["floor"] = floor.value
         out.grounded = bool({"name", "area", "floor"} & set(out.slots))
-        if not out.grounded and context and context.get("area"):
-            out.slots["area"] = context["area"]
+        # The satellite's area is where the speaker is, not a target they named.
+        here = context.get("area") if context and not out.grounded else None
 
         # Domain from words like "lights" when no device is named.
         if "name" not in out.slots:
@@ -375,15 +379,26 @@ class SlotResolver:
         if intent in INTENT_DOMAIN or any(k in out.slots for k in VALUE_SLOTS):
             out.grounded = True
         if not out.devices:
-            slots = out.slots
-            if intent in INTENT_DOMAIN and not any(slots.get(k) for k in TARGET_SLOTS):
-                slots = {**slots, "domain": INTENT_DOMAIN[intent]}
-            out.devices = [
-                d.id
-                for d in self.targets(slots)
-                if wanted is None or any(d.can(c) for c in wanted)
-            ]
+            out.devices = self._able(intent, out.slots, wanted)
+            # As in Home Assistant, the satellite's area only prefers its own
+            # devices, when it has one able to do the intent: the kitchen light
+            # for "lights on" there, but the home's one vacuum wherever it stands.
+            near = (
+                self._able(intent, {**out.slots, "area": here}, wanted) if here else []
+            )
+            if near:
+                out.slots["area"], out.devices = here, near
         return out
+
+    def _able(
+        self, intent: str | None, slots: dict[str, Any], wanted: tuple[str, ...] | None
+    ) -> list[str]:
+        """Ids of the devices `slots` select that can do `intent` (`wanted`)."""
+        return [
+            d.id
+            for d in self.targets(target_slots(intent, slots))
+            if wanted is None or any(d.can(c) for c in wanted)
+        ]
 
     def _values(self, norm: str, intent: str | None, out: Resolved) -> None:
         """Numbers, percentages and colours, named after the intent's slots."""
@@ -472,6 +487,20 @@ class SlotResolver:
                 continue
             out.append(device)
         return out
+
+
+def target_slots(intent: str | None, slots: dict[str, Any]) -> dict[str, Any]:
+    """The slots of an `intent` answer that select its devices (for `targets`).
+
+    The area and floor of a `PLACE_INTENTS` intent are where to act and select
+    nothing; an intent only one domain serves implies that domain when nothing
+    else is aimed at.
+    """
+    if intent in PLACE_INTENTS:
+        slots = {k: v for k, v in slots.items() if k not in ("area", "floor")}
+    if intent in INTENT_DOMAIN and not any(slots.get(k) for k in TARGET_SLOTS):
+        slots = {**slots, "domain": INTENT_DOMAIN[intent]}
+    return slots
 
 
 def _direction(norm: str) -> str:

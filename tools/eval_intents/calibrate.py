@@ -14,12 +14,15 @@ sweep then replays the decision for every threshold, so it costs one pass. The
 chat model is asked once for every request whose probability falls in the
 widest band considered (`CHAT_FLOOR` up to the threshold).
 
-Rule (docs/INTENTS.md): among the thresholds at which no out-of-domain request
-changes a device's state, in either context, the encoder threshold is the one
-with the best in-domain accuracy (the lowest of those on a tie; all thresholds
-compete if none is safe); the chat floor is the lowest that adds no false
-activation, at least one right answer, and at least as many right answers as
-wrong ones (else the band is empty and the chat model is never asked).
+Rule (docs/INTENTS.md): among the thresholds at which at most
+`MAX_FALSE_ACTIVATION` of the out-of-domain requests change a device's state in
+each context separately (no context; a satellite's area), the encoder threshold
+is the one with the best in-domain accuracy (the lowest of those on a tie; if no
+threshold meets the target, those with the fewest false activations in their
+worse context compete); the chat floor is the lowest that adds no false
+activation in either context, at least one right answer, and at least as many
+right answers as wrong ones (else the band is empty and the chat model is never
+asked).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ from edgeslm.intent.slots import normalize  # noqa: E402
 log = logging.getLogger("calibrate")
 GRID = [round(0.05 * i, 2) for i in range(4, 20)]  # 0.20 .. 0.95
 CHAT_FLOOR = 0.2
+# The project's false-activation target: at most 1% of out-of-domain requests may
+# change a device's state, with and without a satellite's area (each on its own).
+MAX_FALSE_ACTIVATION = 0.01
+CONTEXTS = {"no_context": {}, "area_context": SATELLITE_AREA}
 
 
 @dataclass
@@ -105,12 +112,15 @@ def decide(pr: Probe, threshold: float, chat_floor: float | None) -> str | None:
 
 
 def score(probes: list[Probe], threshold: float, chat_floor: float | None) -> dict:
-    right = wrong = acted = n_in = n_out = 0
+    right = wrong = n_in = 0
+    acted = dict.fromkeys(CONTEXTS, 0)
+    n_out = dict.fromkeys(CONTEXTS, 0)
     for pr in probes:
         got = decide(pr, threshold, chat_floor)
         if pr.want is None:
-            n_out += 1
-            acted += got in CHANGING
+            label = next(k for k, c in CONTEXTS.items() if c == pr.context)
+            n_out[label] += 1
+            acted[label] += got in CHANGING
         else:
             n_in += 1
             right += got in pr.want
@@ -122,7 +132,15 @@ def score(probes: list[Probe], threshold: float, chat_floor: float | None) -> di
         "in_domain_wrong": wrong,
         "ood_state_changing": acted,
         "ood_n": n_out,
+        "ood_state_changing_pct": {
+            k: round(100 * acted[k] / max(1, n_out[k]), 2) for k in CONTEXTS
+        },
     }
+
+
+def worst_rate(s: dict) -> float:
+    """The out-of-domain state-change rate of the worse context of a sweep row."""
+    return max(s["ood_state_changing"][k] / max(1, s["ood_n"][k]) for k in CONTEXTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = IntentRecognizer(registry, chat=False if args.no_chat else None)
     rows = load_calibration(HERE / "calibration_en.yaml")
     probes = []
-    for context in ({}, SATELLITE_AREA):
+    for context in CONTEXTS.values():
         for text, want in rows:
             # In-domain requests are scored without context only: a satellite's
             # area changes which device, not which intent.
@@ -146,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             probes.append(probe(rec, text, want, context, not args.no_chat))
 
     sweep = [score(probes, t, None) for t in GRID]
-    safe = [s for s in sweep if s["ood_state_changing"] == 0]
-    best = max(safe or sweep, key=lambda s: (s["in_domain_acc"], -s["threshold"]))
+    safe = [s for s in sweep if worst_rate(s) <= MAX_FALSE_ACTIVATION]
+    if not safe:  # nothing meets the target: the fewest false activations compete
+        safe = [s for s in sweep if worst_rate(s) == min(map(worst_rate, sweep))]
+    best = max(safe, key=lambda s: (s["in_domain_acc"], -s["threshold"]))
     threshold = best["threshold"]
     chat_sweep = []
     if not args.no_chat:
@@ -159,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             right = (s["in_domain_acc"] - best["in_domain_acc"]) * n_in / 100
             return right, s["in_domain_wrong"] - best["in_domain_wrong"]
 
+        def adds_activations(s: dict) -> bool:
+            acted, alone = s["ood_state_changing"], best["ood_state_changing"]
+            return any(acted[k] > alone[k] for k in CONTEXTS)
+
         useful = [
             s
             for s in chat_sweep
-            if s["ood_state_changing"] == 0
+            if not adds_activations(s)
             and gained(s)[0] > 0
             and gained(s)[0] >= gained(s)[1]
         ]
@@ -176,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "threshold": threshold,
         "chat_threshold": chat_floor,
+        "max_false_activation": MAX_FALSE_ACTIVATION,
         "n_in_domain": sum(p.want is not None for p in probes),
         "n_out_of_domain_asked": sum(p.want is None for p in probes),
         "sweep": sweep,
