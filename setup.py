@@ -24,6 +24,7 @@ KERNEL_SOURCES = [
     "kernels/sampler.c",
     "kernels/kvcache.c",
     "kernels/qmatmul.c",
+    "kernels/qmatmul4.c",
     "kernels/ort_op.c",
 ]
 # -ffp-contract=off: no fused multiply-add, so every platform rounds like numpy does.

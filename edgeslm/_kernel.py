@@ -105,6 +105,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "esl_qmm_name": (ctypes.c_char_p, []),
     # x, m, k, packed weights, packed scales, n, block, y
     "esl_qmm_matmul": (_I32, [_P, _I64, _I64, _P, _P, _I64, _I64, _P]),
+    # x, m, k, packed nibbles, scales, minimums, n, y
+    "esl_qmm4_matmul": (_I32, [_P, _I64, _I64, _P, _P, _P, _I64, _P]),
     "esl_qmm_half": (ctypes.c_float, [ctypes.c_uint16]),
 }
 

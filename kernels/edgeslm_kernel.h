@@ -212,6 +212,15 @@ ESL_API const char *esl_qmm_name(void);
 ESL_API int32_t esl_qmm_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w,
                                const uint16_t *scales, int64_t n, int64_t block, float *y);
 
+/*
+ * The same for 4-bit blocks of 32 (w = scale * q + min, q in 0..15: GGUF's Q4_1), laid
+ * out by qmatmul4.c: w uint8 [ceil(n / 16)][kp / 32][4][16][4] nibble pairs, scales and
+ * mins IEEE half [ceil(n / 16)][kp / 32][16], kp = k rounded up to 32. Same returns.
+ */
+ESL_API int32_t esl_qmm4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w,
+                                const uint16_t *scales, const uint16_t *mins, int64_t n,
+                                float *y);
+
 /* Returns the float value of the IEEE half `h`, as the portable path converts it. */
 ESL_API float esl_qmm_half(uint16_t h);
 

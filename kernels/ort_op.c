@@ -1,11 +1,14 @@
 /*
- * ort_op.c - the int8 block matmul as an onnxruntime custom operator.
+ * ort_op.c - the block matmuls as onnxruntime custom operators.
  *
- *   ai.edgeslm::MatMulQ8(A, B, scales) -> Y      attributes K, N, block_size
+ *   ai.edgeslm::MatMulQ8(A, B, scales) -> Y        attributes K, N, block_size
  *     A       float32 [..., K]
  *     B       uint8 [ceil(N / 16), kp / 4, 16, 4], rows interleaved (qmatmul.c)
  *     scales  float16 [ceil(N / 16), kp / block_size, 16]
  *     Y       float32 [..., N]
+ *   ai.edgeslm::MatMulQ4(A, B, scales, mins) -> Y  attributes K, N
+ *     B       uint8 [ceil(N / 16), kp / 32, 4, 16, 4], nibble pairs (qmatmul4.c)
+ *     scales, mins   float16 [ceil(N / 16), kp / 32, 16]
  *
  * onnxruntime loads this library with SessionOptions.register_custom_ops_library and
  * calls RegisterCustomOps; edgeslm/model.py does that when it finds the library. The
@@ -24,7 +27,6 @@
 #include "qmatmul.h"
 
 #define OP_DOMAIN "ai.edgeslm"
-#define OP_NAME "MatMulQ8"
 #define MAX_DIMS 8
 /* One decode row's activations fit this stack buffer for K up to 4096. */
 #define STACK_SCRATCH 24576
@@ -33,25 +35,33 @@
 
 static const OrtApi *g_api;
 
+/* What a kernel multiplies by: int8 blocks (MatMulQ8) or 4-bit blocks (MatMulQ4). */
+typedef enum { KIND_Q8 = 0, KIND_Q4 = 1 } op_kind;
+static const char *const OP_NAMES[2] = {"MatMulQ8", "MatMulQ4"};
+
 typedef struct qmm_kernel {
+    op_kind kind;
     int64_t k, n, block, kp, n_groups;
-    const uint8_t *w;   /* constant weights found at creation, else NULL */
-    const uint16_t *s;
+    /* constant weights found at creation (data, scales, mins), else NULL */
+    const void *w[3];
 } qmm_kernel;
 
 typedef struct qmm_job {
     const esl_qmm_act *act;
-    esl_qmm_weights weights;
+    op_kind kind;
+    esl_qmm_weights q8;
+    esl_qmm4_weights q4;
     float *y;
+    int64_t n_groups;
     int64_t per_item; /* groups per work item */
 } qmm_job;
 
 /* Returns an onnxruntime status with a formatted message naming the operator. */
-static OrtStatus *fail(int code, const char *fmt, ...)
+static OrtStatus *fail(op_kind kind, int code, const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
-    int used = snprintf(msg, sizeof msg, "%s::%s: ", OP_DOMAIN, OP_NAME);
+    int used = snprintf(msg, sizeof msg, "%s::%s: ", OP_DOMAIN, OP_NAMES[kind]);
     va_start(ap, fmt);
     vsnprintf(msg + used, sizeof msg - (size_t)used, fmt, ap);
     va_end(ap);
@@ -59,7 +69,8 @@ static OrtStatus *fail(int code, const char *fmt, ...)
 }
 
 /* Reads the element type, rank and dims (up to MAX_DIMS) of a tensor value. */
-static OrtStatus *tensor_shape(const OrtValue *v, int *type, size_t *rank, int64_t *dims)
+static OrtStatus *tensor_shape(op_kind kind, const OrtValue *v, int *type, size_t *rank,
+                               int64_t *dims)
 {
     OrtTensorTypeAndShapeInfo *info = NULL;
     OrtStatus *st = ESL_ORT_SLOT(g_api, ESL_ORT_GetTensorTypeAndShape,
@@ -70,7 +81,8 @@ static OrtStatus *tensor_shape(const OrtValue *v, int *type, size_t *rank, int64
     if (!st)
         st = ESL_ORT_SLOT(g_api, ESL_ORT_GetDimensionsCount, esl_ort_dims_count_fn)(info, rank);
     if (!st && *rank > MAX_DIMS)
-        st = fail(ESL_ORT_INVALID_ARGUMENT, "tensor of rank %zu (at most %d)", *rank, MAX_DIMS);
+        st = fail(kind, ESL_ORT_INVALID_ARGUMENT, "tensor of rank %zu (at most %d)", *rank,
+                  MAX_DIMS);
     if (!st)
         st = ESL_ORT_SLOT(g_api, ESL_ORT_GetDimensions, esl_ort_dims_fn)(info, dims, *rank);
     if (info)
@@ -85,70 +97,79 @@ static OrtStatus *tensor_data(const OrtValue *v, void **out)
         (OrtValue *)v, out);
 }
 
-/* Checks B and scales against the kernel's sizes; stores their data pointers. */
-static OrtStatus *check_weights(const qmm_kernel *kn, const OrtValue *b, const OrtValue *s,
-                                const uint8_t **w_out, const uint16_t **s_out)
+/* Element count of a tensor of `rank` dims. */
+static int64_t count_of(const int64_t *dims, size_t rank)
 {
-    int64_t dims[MAX_DIMS], count, want;
-    size_t rank, i;
-    int type;
-    OrtStatus *st;
+    int64_t count = 1;
+    size_t i;
+    for (i = 0; i < rank; i++)
+        count *= dims[i];
+    return count;
+}
 
-    st = tensor_shape(b, &type, &rank, dims);
-    if (st)
-        return st;
-    for (count = 1, i = 0; i < rank; i++)
-        count *= dims[i];
-    want = kn->n_groups * kn->kp * 16;
-    if (type != ESL_ORT_UINT8 || count != want)
-        return fail(ESL_ORT_INVALID_ARGUMENT,
-                    "B must be uint8 with %lld elements for K=%lld N=%lld block_size=%lld, "
-                    "got type %d with %lld; re-export the model",
-                    (long long)want, (long long)kn->k, (long long)kn->n,
-                    (long long)kn->block, type, (long long)count);
-    st = tensor_shape(s, &type, &rank, dims);
-    if (st)
-        return st;
-    for (count = 1, i = 0; i < rank; i++)
-        count *= dims[i];
-    want = kn->n_groups * (kn->kp / kn->block) * 16;
-    if (type != ESL_ORT_FLOAT16 || count != want)
-        return fail(ESL_ORT_INVALID_ARGUMENT,
-                    "scales must be float16 with %lld elements, got type %d with %lld; "
-                    "re-export the model",
-                    (long long)want, type, (long long)count);
-    st = tensor_data(b, (void **)w_out);
-    if (!st)
-        st = tensor_data(s, (void **)s_out);
-    return st;
+/*
+ * Checks the weight inputs (B, scales and, for MatMulQ4, mins) against the kernel's
+ * sizes and stores their data pointers in w[0..2].
+ */
+static OrtStatus *check_weights(const qmm_kernel *kn, const OrtValue *const *inputs,
+                                const void **w)
+{
+    static const char *const names[3] = {"B", "scales", "mins"};
+    const int64_t blocks = kn->kp / kn->block;
+    int64_t want[3];
+    int types[3] = {ESL_ORT_UINT8, ESL_ORT_FLOAT16, ESL_ORT_FLOAT16};
+    int n_inputs = kn->kind == KIND_Q4 ? 3 : 2, i;
+
+    want[0] = kn->kind == KIND_Q4 ? kn->n_groups * kn->kp * 8 : kn->n_groups * kn->kp * 16;
+    want[1] = want[2] = kn->n_groups * blocks * 16;
+    for (i = 0; i < n_inputs; i++) {
+        int64_t dims[MAX_DIMS];
+        size_t rank;
+        int type;
+        OrtStatus *st = tensor_shape(kn->kind, inputs[i], &type, &rank, dims);
+        if (st)
+            return st;
+        if (type != types[i] || count_of(dims, rank) != want[i])
+            return fail(kn->kind, ESL_ORT_INVALID_ARGUMENT,
+                        "%s must be %s with %lld elements for K=%lld N=%lld block_size=%lld, "
+                        "got type %d with %lld; re-export the model",
+                        names[i], i ? "float16" : "uint8", (long long)want[i],
+                        (long long)kn->k, (long long)kn->n, (long long)kn->block, type,
+                        (long long)count_of(dims, rank));
+        st = tensor_data(inputs[i], (void **)&w[i]);
+        if (st)
+            return st;
+    }
+    return NULL;
 }
 
 /* ---- kernel ------------------------------------------------------------------------- */
 
-static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api,
-                                const OrtKernelInfo *info, void **out)
+static OrtStatus *create_kernel(op_kind kind, const OrtApi *api, const OrtKernelInfo *info,
+                                void **out)
 {
     esl_ort_attr_int64_fn attr = ESL_ORT_SLOT(api, ESL_ORT_KernelInfoGetAttribute_int64,
                                               esl_ort_attr_int64_fn);
     esl_ort_constant_input_fn constant = ESL_ORT_SLOT(
         api, ESL_ORT_KernelInfoGetConstantInput_tensor, esl_ort_constant_input_fn);
-    const OrtValue *b = NULL, *s = NULL;
-    int b_const = 0, s_const = 0;
+    const OrtValue *inputs[3] = {NULL, NULL, NULL};
+    int n_inputs = kind == KIND_Q4 ? 3 : 2, i, all_constant = 1;
     qmm_kernel *kn;
     OrtStatus *st;
 
-    (void)op;
     *out = NULL;
     kn = (qmm_kernel *)calloc(1, sizeof *kn);
     if (!kn)
-        return fail(ESL_ORT_FAIL, "out of memory");
+        return fail(kind, ESL_ORT_FAIL, "out of memory");
+    kn->kind = kind;
+    kn->block = ESL_QMM_CHUNK; /* MatMulQ4's blocks are always 32 */
     st = attr(info, "K", &kn->k);
     if (!st)
         st = attr(info, "N", &kn->n);
-    if (!st)
+    if (!st && kind == KIND_Q8)
         st = attr(info, "block_size", &kn->block);
     if (!st && esl__qmm_check(0, kn->k, kn->n, kn->block) != ESL_OK)
-        st = fail(ESL_ORT_INVALID_ARGUMENT,
+        st = fail(kind, ESL_ORT_INVALID_ARGUMENT,
                   "K=%lld, N=%lld, block_size=%lld: K and N must be in [1, 2^24] and "
                   "block_size 32, 64, 128 or 256",
                   (long long)kn->k, (long long)kn->n, (long long)kn->block);
@@ -160,9 +181,17 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api,
     kn->n_groups = (kn->n + ESL_QMM_GROUP - 1) / ESL_QMM_GROUP;
 
     /* Constant weights (the usual case) are checked once, here. */
-    if (!constant(info, 1, &b_const, &b) && !constant(info, 2, &s_const, &s) && b_const &&
-        s_const && b && s) {
-        st = check_weights(kn, b, s, &kn->w, &kn->s);
+    for (i = 0; i < n_inputs; i++) {
+        int is_constant = 0;
+        OrtStatus *cst = constant(info, (size_t)i + 1, &is_constant, &inputs[i]);
+        if (cst) {
+            ESL_ORT_SLOT(api, ESL_ORT_ReleaseStatus, esl_ort_release_status_fn)(cst);
+            is_constant = 0;
+        }
+        all_constant &= is_constant && inputs[i] != NULL;
+    }
+    if (all_constant) {
+        st = check_weights(kn, inputs, kn->w);
         if (st) {
             free(kn);
             return st;
@@ -176,12 +205,13 @@ static void run_item(void *data, size_t item)
 {
     const qmm_job *job = (const qmm_job *)data;
     int64_t g0 = (int64_t)item * job->per_item;
-    int64_t g1 = g0 + job->per_item;
-    int64_t n_groups = (job->weights.n + ESL_QMM_GROUP - 1) / ESL_QMM_GROUP;
-    if (g1 > n_groups)
-        g1 = n_groups;
-    if (g0 < g1)
-        esl__qmm_groups(job->act, &job->weights, g0, g1, job->y);
+    int64_t g1 = g0 + job->per_item < job->n_groups ? g0 + job->per_item : job->n_groups;
+    if (g0 >= g1)
+        return;
+    if (job->kind == KIND_Q4)
+        esl__qmm4_groups(job->act, &job->q4, g0, g1, job->y);
+    else
+        esl__qmm_groups(job->act, &job->q8, g0, g1, job->y);
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
@@ -191,6 +221,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
                                                   esl_ort_get_input_fn);
     const OrtValue *a_val = NULL;
     OrtValue *y_val = NULL;
+    const void *w[3] = {kn->w[0], kn->w[1], kn->w[2]};
     int64_t dims[MAX_DIMS], m = 1, items;
     size_t rank, i, need;
     int type;
@@ -204,30 +235,25 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     /* A: float [..., K]; Y: the same leading dims, then N. */
     st = get_input(ctx, 0, &a_val);
     if (!st)
-        st = tensor_shape(a_val, &type, &rank, dims);
+        st = tensor_shape(kn->kind, a_val, &type, &rank, dims);
     if (st)
         return st;
     if (type != ESL_ORT_FLOAT || rank < 1 || dims[rank - 1] != kn->k)
-        return fail(ESL_ORT_INVALID_ARGUMENT,
+        return fail(kn->kind, ESL_ORT_INVALID_ARGUMENT,
                     "A must be float32 [..., %lld], got type %d, rank %zu, last dim %lld",
                     (long long)kn->k, type, rank, rank ? (long long)dims[rank - 1] : -1LL);
     for (i = 0; i + 1 < rank; i++) {
         if (dims[i] < 0 || (dims[i] > 0 && m > (INT64_C(1) << 40) / dims[i]))
-            return fail(ESL_ORT_INVALID_ARGUMENT, "A has an invalid shape");
+            return fail(kn->kind, ESL_ORT_INVALID_ARGUMENT, "A has an invalid shape");
         m *= dims[i];
     }
-    job.weights.n = kn->n;
-    job.weights.kp = kn->kp;
-    job.weights.block = kn->block;
-    job.weights.data = kn->w;
-    job.weights.scales = kn->s;
-    if (!kn->w) { /* weights that are not initializers: check them on every run */
-        const OrtValue *b = NULL, *s = NULL;
-        st = get_input(ctx, 1, &b);
+    if (!w[0]) { /* weights that are not initializers: check them on every run */
+        const OrtValue *inputs[3] = {NULL, NULL, NULL};
+        int n_inputs = kn->kind == KIND_Q4 ? 3 : 2, j;
+        for (j = 0; j < n_inputs && !st; j++)
+            st = get_input(ctx, (size_t)j + 1, &inputs[j]);
         if (!st)
-            st = get_input(ctx, 2, &s);
-        if (!st)
-            st = check_weights(kn, b, s, &job.weights.data, &job.weights.scales);
+            st = check_weights(kn, inputs, w);
         if (st)
             return st;
     }
@@ -245,11 +271,24 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     need = esl__qmm_scratch_size(m, kn->kp);
     scratch = need <= sizeof stack ? (void *)stack : malloc(need);
     if (!scratch)
-        return fail(ESL_ORT_FAIL, "out of memory for %lld activation rows", (long long)m);
+        return fail(kn->kind, ESL_ORT_FAIL, "out of memory for %lld activation rows",
+                    (long long)m);
     esl__qmm_prepare(&act, scratch, x, m, kn->k, kn->kp, esl_qmm_level());
-    items = kn->n_groups < MAX_ITEMS ? kn->n_groups : MAX_ITEMS;
     job.act = &act;
+    job.kind = kn->kind;
+    job.q8.data = (const uint8_t *)w[0];
+    job.q8.scales = (const uint16_t *)w[1];
+    job.q8.n = kn->n;
+    job.q8.kp = kn->kp;
+    job.q8.block = kn->block;
+    job.q4.data = (const uint8_t *)w[0];
+    job.q4.scales = (const uint16_t *)w[1];
+    job.q4.mins = (const uint16_t *)w[2];
+    job.q4.n = kn->n;
+    job.q4.kp = kn->kp;
     job.y = y;
+    job.n_groups = kn->n_groups;
+    items = kn->n_groups < MAX_ITEMS ? kn->n_groups : MAX_ITEMS;
     job.per_item = (kn->n_groups + items - 1) / items;
     items = (kn->n_groups + job.per_item - 1) / job.per_item;
     st = ESL_ORT_SLOT(g_api, ESL_ORT_KernelContext_ParallelFor, esl_ort_parallel_for_fn)(
@@ -261,12 +300,23 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
 
 static void destroy_kernel(void *kernel) { free(kernel); }
 
+
+/* ---- operator descriptions --------------------------------------------------------- */
+
+static op_kind kind_of(const OrtCustomOp *op);
+
+static OrtStatus *create_kernel_v2(const OrtCustomOp *op, const OrtApi *api,
+                                   const OrtKernelInfo *info, void **kernel)
+{
+    return create_kernel(kind_of(op), api, info, kernel);
+}
+
 /* Version-1 entry points; onnxruntime calls the V2 ones for version 16. */
 static void *create_kernel_v1(const OrtCustomOp *op, const OrtApi *api,
                               const OrtKernelInfo *info)
 {
     void *kernel = NULL;
-    OrtStatus *st = create_kernel(op, api, info, &kernel);
+    OrtStatus *st = create_kernel(kind_of(op), api, info, &kernel);
     if (st)
         ESL_ORT_SLOT(api, ESL_ORT_ReleaseStatus, esl_ort_release_status_fn)(st);
     return kernel;
@@ -279,13 +329,7 @@ static void compute_v1(void *kernel, OrtKernelContext *ctx)
         ESL_ORT_SLOT(g_api, ESL_ORT_ReleaseStatus, esl_ort_release_status_fn)(st);
 }
 
-/* ---- operator description --------------------------------------------------------- */
-
-static const char *op_name(const OrtCustomOp *op)
-{
-    (void)op;
-    return OP_NAME;
-}
+static const char *op_name(const OrtCustomOp *op) { return OP_NAMES[kind_of(op)]; }
 
 static const char *op_provider(const OrtCustomOp *op)
 {
@@ -295,16 +339,12 @@ static const char *op_provider(const OrtCustomOp *op)
 
 static int op_input_type(const OrtCustomOp *op, size_t index)
 {
-    static const int types[3] = {ESL_ORT_FLOAT, ESL_ORT_UINT8, ESL_ORT_FLOAT16};
-    (void)op;
-    return index < 3 ? types[index] : 0;
+    static const int types[4] = {ESL_ORT_FLOAT, ESL_ORT_UINT8, ESL_ORT_FLOAT16,
+                                 ESL_ORT_FLOAT16};
+    return index < (kind_of(op) == KIND_Q4 ? 4u : 3u) ? types[index] : 0;
 }
 
-static size_t op_input_count(const OrtCustomOp *op)
-{
-    (void)op;
-    return 3;
-}
+static size_t op_input_count(const OrtCustomOp *op) { return kind_of(op) == KIND_Q4 ? 4 : 3; }
 
 static int op_output_type(const OrtCustomOp *op, size_t index)
 {
@@ -338,27 +378,16 @@ static int op_homogeneous(const OrtCustomOp *op)
     return 0;
 }
 
-static const OrtCustomOp g_op = {
-    ESL_ORT_CUSTOM_OP_VERSION,
-    create_kernel_v1,
-    op_name,
-    op_provider,
-    op_input_type,
-    op_input_count,
-    op_output_type,
-    op_output_count,
-    compute_v1,
-    destroy_kernel,
-    op_zero,
-    op_zero,
-    op_zero,
-    op_arity,
-    op_homogeneous,
-    op_arity,
-    op_homogeneous,
-    create_kernel,
-    compute,
-};
+#define OP_TABLE                                                                           \
+    {                                                                                      \
+        ESL_ORT_CUSTOM_OP_VERSION, create_kernel_v1, op_name, op_provider, op_input_type,  \
+            op_input_count, op_output_type, op_output_count, compute_v1, destroy_kernel,   \
+            op_zero, op_zero, op_zero, op_arity, op_homogeneous, op_arity, op_homogeneous, \
+            create_kernel_v2, compute,                                                     \
+    }
+static const OrtCustomOp g_ops[2] = {OP_TABLE, OP_TABLE};
+
+static op_kind kind_of(const OrtCustomOp *op) { return op == &g_ops[1] ? KIND_Q4 : KIND_Q8; }
 
 /* ---- registration ----------------------------------------------------------------- */
 
@@ -391,8 +420,11 @@ ESL_API OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBas
         st = ESL_ORT_SLOT(api, ESL_ORT_CreateCustomOpDomain, esl_ort_create_domain_fn)(
             OP_DOMAIN, &g_domain);
         if (!st)
-            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(g_domain,
-                                                                                    &g_op);
+            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
+                g_domain, &g_ops[KIND_Q8]);
+        if (!st)
+            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
+                g_domain, &g_ops[KIND_Q4]);
         if (st) {
             g_domain = NULL; /* leaked on this error path only; the next call retries */
             return st;

@@ -35,18 +35,12 @@
 #define CHUNK ESL_QMM_CHUNK
 #define GROUP ESL_QMM_GROUP
 #define UNITS (CHUNK / 4) /* 4-input units per chunk */
-
-/* Fully unrolls a loop of constant count, so a tile's accumulators stay in registers. */
-#if defined(__clang__) || defined(__GNUC__)
-#define UNROLL _Pragma("GCC unroll 8")
-#else
-#define UNROLL
-#endif
+#define UNROLL ESL_UNROLL
 
 /* ---- half precision -------------------------------------------------------------- */
 
-/* Returns the float value of an IEEE binary16 bit pattern (exact; NaN stays NaN). */
-static float half_to_float(uint16_t h)
+/* Contract: see qmatmul.h. */
+float esl__half(uint16_t h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1Fu;
@@ -73,12 +67,13 @@ static float half_to_float(uint16_t h)
 }
 
 /* Contract: see edgeslm_kernel.h. */
-float esl_qmm_half(uint16_t h) { return half_to_float(h); }
+float esl_qmm_half(uint16_t h) { return esl__half(h); }
 
 /* ---- levels -------------------------------------------------------------------- */
 
 static int32_t g_level = -1;
 
+/* Returns the best level this CPU supports. */
 static int32_t supported_level(void)
 {
 #if ESL_HAVE_AVX2_CODE
@@ -98,15 +93,13 @@ static int32_t supported_level(void)
 #endif
 }
 
-static int32_t current_level(void)
+/* Contract: see edgeslm_kernel.h. */
+int32_t esl_qmm_level(void)
 {
     if (g_level < 0)
         g_level = supported_level();
     return g_level;
 }
-
-/* Contract: see edgeslm_kernel.h. */
-int32_t esl_qmm_level(void) { return current_level(); }
 
 /* Contract: see edgeslm_kernel.h. */
 int32_t esl_qmm_set_level(int32_t level)
@@ -119,7 +112,7 @@ int32_t esl_qmm_set_level(int32_t level)
 /* Contract: see edgeslm_kernel.h. */
 const char *esl_qmm_name(void)
 {
-    int32_t level = current_level();
+    int32_t level = esl_qmm_level();
     if (level == 0)
         return "c";
 #if ESL_HAVE_NEON
@@ -131,25 +124,24 @@ const char *esl_qmm_name(void)
 
 /* ---- activations ------------------------------------------------------------------ */
 
-static int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
-
-/* Bytes of one row of each activation array: q, |q|, scales, correction terms. */
-static void act_sizes(int64_t kp, int64_t sizes[4])
+/* Bytes of one row of each activation array: q, |q|, scales, sums of q, sums of x. */
+static void act_sizes(int64_t kp, int64_t sizes[5])
 {
     int64_t n_chunks = kp / CHUNK;
-    sizes[0] = round_up(kp, 64);
-    sizes[1] = round_up(kp, 64);
-    sizes[2] = 4 * round_up(n_chunks, 16);
-    sizes[3] = 4 * round_up(n_chunks, 16);
+    sizes[0] = esl__round_up(kp, 64);
+    sizes[1] = esl__round_up(kp, 64);
+    sizes[2] = 4 * esl__round_up(n_chunks, 16);
+    sizes[3] = 4 * esl__round_up(n_chunks, 16);
+    sizes[4] = 4 * esl__round_up(n_chunks, 16);
 }
 
 /* Contract: see qmatmul.h. */
 size_t esl__qmm_scratch_size(int64_t m, int64_t kp)
 {
-    int64_t sizes[4], total = 64; /* room to align the start */
+    int64_t sizes[5], total = 64; /* room to align the start */
     int i;
     act_sizes(kp, sizes);
-    for (i = 0; i < 4; i++)
+    for (i = 0; i < 5; i++)
         total += m * sizes[i];
     return (size_t)total;
 }
@@ -188,7 +180,7 @@ void esl__qmm_prepare(esl_qmm_act *a, void *scratch, const float *x, int64_t m,
                       int64_t k, int64_t kp, int32_t level)
 {
     uintptr_t p = ((uintptr_t)scratch + 63) & ~(uintptr_t)63;
-    int64_t sizes[4], n_chunks = kp / CHUNK, r, c, i;
+    int64_t sizes[5], n_chunks = kp / CHUNK, r, c, i;
 
     act_sizes(kp, sizes);
     a->m = m;
@@ -200,20 +192,25 @@ void esl__qmm_prepare(esl_qmm_act *a, void *scratch, const float *x, int64_t m,
     a->q = (int8_t *)p;
     a->absq = (uint8_t *)(p + (uintptr_t)(m * sizes[0]));
     a->sx = (float *)(p + (uintptr_t)(m * (sizes[0] + sizes[1])));
-    a->negcorr = (int32_t *)(p + (uintptr_t)(m * (sizes[0] + sizes[1] + sizes[2])));
+    a->sumq = (int32_t *)(p + (uintptr_t)(m * (sizes[0] + sizes[1] + sizes[2])));
+    a->xsum = (float *)(p + (uintptr_t)(m * (sizes[0] + sizes[1] + sizes[2] + sizes[3])));
 
     for (r = 0; r < m; r++) {
         const float *xr = x + r * k;
         int8_t *q = a->q + r * a->row;
         float *sx = a->sx + r * a->sx_row;
-        int32_t *nc = a->negcorr + r * a->sx_row;
+        int32_t *sums = a->sumq + r * a->sx_row;
+        float *xsums = a->xsum + r * a->sx_row;
 
         for (c = 0; c < n_chunks; c++) {
             int64_t start = c * CHUNK, len = k - start;
             int32_t sum;
             len = len < 0 ? 0 : (len > CHUNK ? CHUNK : len);
             sx[c] = quantize_chunk(xr + start, len, q + start, &sum);
-            nc[c] = -128 * sum; /* cancels the +128 of the weights (VNNI) */
+            sums[c] = sum;
+            xsums[c] = 0.0f;
+            for (i = 0; i < len; i++)
+                xsums[c] += xr[start + i];
         }
         if (level == 1) {
             uint8_t *absq = a->absq + r * a->row;
@@ -221,20 +218,6 @@ void esl__qmm_prepare(esl_qmm_act *a, void *scratch, const float *x, int64_t m,
                 absq[i] = (uint8_t)(q[i] < 0 ? -q[i] : q[i]);
         }
     }
-}
-
-/* Returns log2(block / CHUNK): the chunk c lies in weight block c >> shift. */
-static inline int block_shift(int64_t block)
-{
-    return block >= 256 ? 3 : (block >= 128 ? 2 : (block >= 64 ? 1 : 0));
-}
-
-/* Loads 4 bytes as an int32 (any alignment). */
-static inline int32_t load4(const void *p)
-{
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
 }
 
 /* ---- portable C --------------------------------------------------------------------- */
@@ -253,7 +236,7 @@ static void tile_c(const esl_qmm_act *a, int64_t m0, int mr, const esl_qmm_weigh
         const float *sx = a->sx + i * a->sx_row;
         float acc[GROUP] = {0};
         for (c = 0; c < n_chunks; c++) {
-            const uint16_t *s = sg + (c >> block_shift(w->block)) * GROUP;
+            const uint16_t *s = sg + (c >> esl__block_shift(w->block)) * GROUP;
             int32_t dot[GROUP] = {0};
             for (j = c * UNITS; j < (c + 1) * UNITS; j++)
                 for (r = 0; r < GROUP; r++)
@@ -261,7 +244,7 @@ static void tile_c(const esl_qmm_act *a, int64_t m0, int mr, const esl_qmm_weigh
                         dot[r] += (int32_t)q[4 * j + t] *
                                   ((int32_t)wg[(j * GROUP + r) * 4 + t] - 128);
             for (r = 0; r < GROUP; r++)
-                acc[r] += (float)dot[r] * (sx[c] * half_to_float(s[r]));
+                acc[r] += (float)dot[r] * (sx[c] * esl__half(s[r]));
         }
         for (r = 0; r < GROUP && g * GROUP + r < w->n; r++)
             y[i * w->n + g * GROUP + r] = acc[r];
@@ -271,24 +254,6 @@ static void tile_c(const esl_qmm_act *a, int64_t m0, int mr, const esl_qmm_weigh
 /* ---- AVX2 and AVX-512 VNNI ---------------------------------------------------------- */
 
 #if ESL_HAVE_AVX2_CODE
-#define ESL_TARGET_QMM_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define ESL_TARGET_QMM_VNNI \
-    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* Stores the first `count` (any, clamped to 8) of the floats of v at dst. */
-ESL_TARGET_QMM_AVX2 ALWAYS_INLINE void store8(float *dst, __m256 v, int64_t count)
-{
-    float tmp[8];
-    int64_t r;
-    if (count >= 8) {
-        _mm256_storeu_ps(dst, v);
-        return;
-    }
-    _mm256_storeu_ps(tmp, v);
-    for (r = 0; r < count; r++)
-        dst[r] = tmp[r];
-}
 
 /*
  * AVX2 tile: mr activation rows by one group, held as two registers of 8 rows x 4
@@ -296,7 +261,7 @@ ESL_TARGET_QMM_AVX2 ALWAYS_INLINE void store8(float *dst, __m256 v, int64_t coun
  * qw * sign(qx) (signed) by maddubs, whose int16 pair sums cannot saturate since
  * |q| <= 127; the weights become signed by flipping their top bit (q + 128 -> q).
  */
-ESL_TARGET_QMM_AVX2 ALWAYS_INLINE void tile_avx2(const esl_qmm_act *a, int64_t m0,
+ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE void tile_avx2(const esl_qmm_act *a, int64_t m0,
                                                  const int mr, const esl_qmm_weights *w,
                                                  int64_t g, float *y)
 {
@@ -312,7 +277,7 @@ ESL_TARGET_QMM_AVX2 ALWAYS_INLINE void tile_avx2(const esl_qmm_act *a, int64_t m
     for (i = 0; i < mr; i++)
         acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (c = 0; c < n_chunks; c++) {
-        const uint16_t *s = sg + (c >> block_shift(w->block)) * GROUP;
+        const uint16_t *s = sg + (c >> esl__block_shift(w->block)) * GROUP;
         const __m256 sw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s));
         const __m256 sw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8)));
         __m256i ws[UNITS][2];
@@ -332,8 +297,8 @@ ESL_TARGET_QMM_AVX2 ALWAYS_INLINE void tile_avx2(const esl_qmm_act *a, int64_t m
             __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
             UNROLL
             for (j = 0; j < UNITS; j++) {
-                const __m256i xb = _mm256_set1_epi32(load4(q + 4 * j));
-                const __m256i ab = _mm256_set1_epi32(load4(aq + 4 * j));
+                const __m256i xb = _mm256_set1_epi32(esl__load4(q + 4 * j));
+                const __m256i ab = _mm256_set1_epi32(esl__load4(aq + 4 * j));
                 __m256i p0 = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(ws[j][0], xb));
                 __m256i p1 = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(ws[j][1], xb));
                 d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(p0, ones));
@@ -349,9 +314,9 @@ ESL_TARGET_QMM_AVX2 ALWAYS_INLINE void tile_avx2(const esl_qmm_act *a, int64_t m
     UNROLL
     for (i = 0; i < mr; i++) {
         float *dst = y + (m0 + i) * w->n + g * GROUP;
-        store8(dst, acc[i][0], left);
+        esl__store8(dst, acc[i][0], left);
         if (left > 8)
-            store8(dst + 8, acc[i][1], left - 8);
+            esl__store8(dst + 8, acc[i][1], left - 8);
     }
 }
 
@@ -362,7 +327,7 @@ ESL_TARGET_QMM_AVX2 ALWAYS_INLINE void tile_avx2(const esl_qmm_act *a, int64_t m
  * cancels exactly. With fewer than 4 rows each chunk's chain is split in two, so that
  * consecutive dpbusd do not wait on each other.
  */
-ESL_TARGET_QMM_VNNI ALWAYS_INLINE void tile_vnni(const esl_qmm_act *a, int64_t m0,
+ESL_TARGET_QMM_VNNI ESL_ALWAYS_INLINE void tile_vnni(const esl_qmm_act *a, int64_t m0,
                                                  const int mr, const esl_qmm_weights *w,
                                                  int64_t g, float *y)
 {
@@ -378,7 +343,7 @@ ESL_TARGET_QMM_VNNI ALWAYS_INLINE void tile_vnni(const esl_qmm_act *a, int64_t m
     for (i = 0; i < mr; i++)
         acc[i] = _mm512_setzero_ps();
     for (c = 0; c < n_chunks; c++) {
-        const uint16_t *s = sg + (c >> block_shift(w->block)) * GROUP;
+        const uint16_t *s = sg + (c >> esl__block_shift(w->block)) * GROUP;
         const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
         __m512i wv[UNITS];
         UNROLL
@@ -388,11 +353,11 @@ ESL_TARGET_QMM_VNNI ALWAYS_INLINE void tile_vnni(const esl_qmm_act *a, int64_t m
         for (i = 0; i < mr; i++) {
             const int64_t row = m0 + i;
             const int8_t *q = a->q + row * a->row + c * CHUNK;
-            __m512i d0 = _mm512_set1_epi32(a->negcorr[row * a->sx_row + c]);
+            __m512i d0 = _mm512_set1_epi32(-128 * a->sumq[row * a->sx_row + c]);
             __m512i d1 = _mm512_setzero_si512();
             UNROLL
             for (j = 0; j < UNITS; j++) {
-                const __m512i xb = _mm512_set1_epi32(load4(q + 4 * j));
+                const __m512i xb = _mm512_set1_epi32(esl__load4(q + 4 * j));
                 if (split && (j & 1))
                     d1 = _mm512_dpbusd_epi32(d1, wv[j], xb);
                 else
@@ -420,34 +385,6 @@ ESL_TARGET_QMM_VNNI ALWAYS_INLINE void tile_vnni(const esl_qmm_act *a, int64_t m
 /* ---- NEON ----------------------------------------------------------------------------- */
 
 #if ESL_HAVE_NEON
-#define ESL_TARGET_QMM_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* Stores the first `count` (any, clamped to 4) of the floats of v at dst. */
-ALWAYS_INLINE void store4(float *dst, float32x4_t v, int64_t count)
-{
-    float tmp[4];
-    int64_t r;
-    if (count >= 4) {
-        vst1q_f32(dst, v);
-        return;
-    }
-    vst1q_f32(tmp, v);
-    for (r = 0; r < count; r++)
-        dst[r] = tmp[r];
-}
-
-/*
- * Exact 4-input dot products of 4 rows (wq: 4 rows x 4 bytes) with 4 activations
- * repeated 4 times (xd), added to acc. ARMv8.0: widening multiplies, then pair sums;
- * a pair of int8 products is at most 2 * 127 * 127, so int16 cannot overflow.
- */
-ALWAYS_INLINE int32x4_t dot4_neon(int32x4_t acc, int8x16_t wq, int8x16_t xd)
-{
-    int16x8_t lo = vmull_s8(vget_low_s8(wq), vget_low_s8(xd));
-    int16x8_t hi = vmull_high_s8(wq, xd);
-    return vpadalq_s16(acc, vpaddq_s16(lo, hi));
-}
 
 /* The 16 weight bytes at P (4 rows x 4 inputs), made signed: q + 128 -> q. */
 #define WEIGHT_QUAD(P) vreinterpretq_s8_u8(veorq_u8(vld1q_u8(P), vdupq_n_u8(0x80)))
@@ -465,13 +402,12 @@ ALWAYS_INLINE int32x4_t dot4_neon(int32x4_t acc, int8x16_t wq, int8x16_t xd)
         D = vdotq_laneq_s32(D, WEIGHT_QUAD((W) + 128), X16, 2);                            \
         D = vdotq_laneq_s32(D, WEIGHT_QUAD((W) + 192), X16, 3);                            \
     } while (0)
-#define REPEAT4(X16, U) vreinterpretq_s8_s32(vdupq_laneq_s32(vreinterpretq_s32_s8(X16), U))
 #define DOT4_0(D, W, X16)                                                                  \
     do {                                                                                   \
-        D = dot4_neon(D, WEIGHT_QUAD(W), REPEAT4(X16, 0));                                 \
-        D = dot4_neon(D, WEIGHT_QUAD((W) + 64), REPEAT4(X16, 1));                          \
-        D = dot4_neon(D, WEIGHT_QUAD((W) + 128), REPEAT4(X16, 2));                         \
-        D = dot4_neon(D, WEIGHT_QUAD((W) + 192), REPEAT4(X16, 3));                         \
+        D = esl__dot4_neon(D, WEIGHT_QUAD(W), ESL_REPEAT4(X16, 0));                                 \
+        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 64), ESL_REPEAT4(X16, 1));                          \
+        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 128), ESL_REPEAT4(X16, 2));                         \
+        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 192), ESL_REPEAT4(X16, 3));                         \
     } while (0)
 
 /*
@@ -479,7 +415,7 @@ ALWAYS_INLINE int32x4_t dot4_neon(int32x4_t acc, int8x16_t wq, int8x16_t xd)
  * picks DOT4_0 or DOT4_1; TARGET enables the instructions it needs.
  */
 #define DEFINE_TILE_NEON(NAME, DOTPROD, TARGET)                                            \
-    TARGET ALWAYS_INLINE void NAME(const esl_qmm_act *a, int64_t m0, const int mr,         \
+    TARGET ESL_ALWAYS_INLINE void NAME(const esl_qmm_act *a, int64_t m0, const int mr,         \
                                    const esl_qmm_weights *w, int64_t g, float *y)          \
     {                                                                                      \
         const int64_t kp = a->kp, n_chunks = kp / CHUNK, nb = kp / w->block;               \
@@ -494,7 +430,7 @@ ALWAYS_INLINE int32x4_t dot4_neon(int32x4_t acc, int8x16_t wq, int8x16_t xd)
             for (h = 0; h < 4; h++)                                                        \
                 acc[i][h] = vdupq_n_f32(0.0f);                                             \
         for (c = 0; c < n_chunks; c++) {                                                   \
-            const __fp16 *s = sg + (c >> block_shift(w->block)) * GROUP;                   \
+            const __fp16 *s = sg + (c >> esl__block_shift(w->block)) * GROUP;                   \
             const uint8_t *wc = wg + c * CHUNK * GROUP;                                    \
             UNROLL                                                                         \
             for (i = 0; i < mr; i++) {                                                     \
@@ -523,7 +459,7 @@ ALWAYS_INLINE int32x4_t dot4_neon(int32x4_t acc, int8x16_t wq, int8x16_t xd)
             for (h = 0; h < 4; h++) {                                                      \
                 n = g * GROUP + 4 * h;                                                     \
                 if (n < w->n)                                                              \
-                    store4(y + (m0 + i) * w->n + n, acc[i][h], w->n - n);                  \
+                    esl__store4(y + (m0 + i) * w->n + n, acc[i][h], w->n - n);                  \
             }                                                                              \
     }
 
@@ -609,11 +545,11 @@ int32_t esl_qmm_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w,
     wt.scales = scales;
     wt.n = n;
     wt.block = block;
-    wt.kp = round_up(k, block);
+    wt.kp = esl__round_up(k, block);
     scratch = malloc(esl__qmm_scratch_size(m, wt.kp));
     if (!scratch)
         return ESL_ERR_NOMEM;
-    esl__qmm_prepare(&a, scratch, x, m, k, wt.kp, current_level());
+    esl__qmm_prepare(&a, scratch, x, m, k, wt.kp, esl_qmm_level());
     esl__qmm_groups(&a, &wt, 0, (n + GROUP - 1) / GROUP, y);
     free(scratch);
     return ESL_OK;

@@ -1,4 +1,4 @@
-"""The int8 block matmul (kernels/qmatmul.c) and its onnxruntime operator.
+"""The block matmuls (kernels/qmatmul.c, qmatmul4.c) and their onnxruntime operators.
 
 - The kernel against the numpy statement of the same computation
   (`edgeslm.export.quantize.reference_matmul_q8`) at every SIMD level this CPU has,
@@ -31,9 +31,13 @@ from edgeslm import _kernel
 from edgeslm.errors import ModelFormatError
 from edgeslm.export.onnx_graph import GraphBuilder, portable_model
 from edgeslm.export.quantize import (
+    pack_q4,
     pack_q8,
+    quantize_int4_blocks,
     quantize_int8_blocks,
+    reference_matmul_q4,
     reference_matmul_q8,
+    unpack_q4,
     unpack_q8,
 )
 from edgeslm.manifest import Manifest
@@ -159,6 +163,52 @@ def test_non_finite_activations_poison_only_their_row(lib, levels):
         assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
 
 
+def _c_matmul4(lib, x: np.ndarray, p) -> np.ndarray:
+    y = np.full((x.shape[0], p.n), np.nan, dtype=np.float32)
+    status = lib.esl_qmm4_matmul(
+        x.ctypes.data,
+        x.shape[0],
+        x.shape[1],
+        p.data.ctypes.data,
+        p.scales.ctypes.data,
+        p.mins.ctypes.data,
+        p.n,
+        y.ctypes.data,
+    )
+    _kernel.check(status, "esl_qmm4_matmul")
+    return y
+
+
+@pytest.mark.parametrize(
+    "m, k, n",
+    [(1, 576, 960), (1, 1536, 576), (5, 576, 1536), (9, 96, 13), (17, 64, 40)],
+)
+def test_4bit_kernel_matches_the_numpy_statement(lib, levels, m, k, n):
+    rng = np.random.default_rng(m + n)
+    w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.2, 2, (n, 1))
+    p = pack_q4(quantize_int4_blocks(w.astype(np.float32)))
+    x = _activations(rng, m, k)
+    want = reference_matmul_q4(x, p)
+    deq = unpack_q4(p).dequantize()
+    bound = 1e-5 * (np.abs(x) @ np.abs(deq).T) + 1e-6
+    for level in levels:
+        lib.esl_qmm_set_level(level)
+        err = np.abs(_c_matmul4(lib, x, p) - want)
+        assert (err <= bound).all(), (lib.esl_qmm_name(), float(err.max()))
+    # and the statement is the float product up to the activations' int8 rounding
+    rel = np.linalg.norm(want - x @ deq.T) / np.linalg.norm(x @ deq.T)
+    assert rel < 0.02
+
+
+def test_4bit_packing_round_trips():
+    rng = np.random.default_rng(8)
+    blocks = quantize_int4_blocks(rng.standard_normal((21, 64)).astype(np.float32))
+    back = unpack_q4(pack_q4(blocks))
+    np.testing.assert_array_equal(back.q, blocks.q)
+    np.testing.assert_array_equal(back.scales, blocks.scales)
+    np.testing.assert_array_equal(back.mins, blocks.mins)
+
+
 def test_kernel_rejects_sizes_it_cannot_hold(lib):
     x = np.zeros((1, 64), np.float32)
     p = _weights(np.random.default_rng(5), 16, 64, 32)
@@ -215,6 +265,22 @@ def test_operator_in_onnxruntime(lib, threads, dims, k, n, block):
     flat = x.reshape(-1, k)
     err = np.abs(y.reshape(-1, n) - reference_matmul_q8(flat, p))
     assert (err <= _tolerance(flat, p)).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_4bit_operator_in_onnxruntime(lib, threads):
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((50, 96)).astype(np.float32)
+    blocks = quantize_int4_blocks(w)
+    b = GraphBuilder("int4")
+    b.input("x", TensorProto.FLOAT, [1, 3, 96])
+    b.node("Identity", [b.linear_int4("x", blocks, "mm")], outputs=["y"])
+    b.output("y", TensorProto.FLOAT, [1, 3, 50])
+    x = _activations(rng, 3, 96).reshape(1, 3, 96)
+    (y,) = _session(b.model("q4"), threads).run(None, {"x": x})
+    want = reference_matmul_q4(x.reshape(3, 96), pack_q4(blocks))
+    np.testing.assert_allclose(y.reshape(3, 50), want, rtol=1e-5, atol=1e-5)
+    assert portable_model(b.model("q4")) is None  # 4-bit packages need the kernel
 
 
 def test_operator_errors_name_the_problem(lib):

@@ -1,9 +1,9 @@
 """Quantization schemes of the exporter: 4-bit blocks, and activation smoothing.
 
 - int4 (`Int4Blocks`): GGUF Q4_0/Q4_1 blocks are read as they are stored, a float
-  weight's min/max blocks round-trip exactly, and the graph's two-product form
-  (`MatMulNBits` with centred zero points plus the residual-minimum matmul) computes
-  `x @ W.T` to the rounding of its int8 activations.
+  weight's min/max blocks round-trip exactly, and the graph's `MatMulQ4` (the C
+  kernel, kernels/qmatmul4.c) computes `x @ W.T` to the rounding of its int8
+  activations, as its numpy statement does.
 - smoothing: rescaling activations into the weights leaves the fp32 model's function
   unchanged, and only int8 Llama exports use it.
 """
@@ -18,11 +18,17 @@ from checkpoints import TINY_LLAMA, make_llama_folder, smollm2_gguf
 from onnx import TensorProto
 
 import edgeslm
+from edgeslm import _kernel
 from edgeslm.export import _write_package, export_model
 from edgeslm.export.checkpoint import open_checkpoint
 from edgeslm.export.gguf_reader import _dequantize, _int4_blocks
 from edgeslm.export.onnx_graph import GraphBuilder
-from edgeslm.export.quantize import concat_int4, quantize_int4_blocks
+from edgeslm.export.quantize import (
+    concat_int4,
+    pack_q4,
+    quantize_int4_blocks,
+    reference_matmul_q4,
+)
 from edgeslm.export.smoothing import activation_ranges, smooth_checkpoint
 from edgeslm.manifest import Manifest
 
@@ -81,8 +87,12 @@ def _run_linear(dtype: str, weight, x: np.ndarray) -> np.ndarray:
     out = b.linear("x", weight, "proj")
     b.node("Identity", [out], outputs=["y"])
     b.output("y", TensorProto.FLOAT, [1, "T", None])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(_kernel.operator_library()))
     session = ort.InferenceSession(
-        b.model("linear").SerializeToString(), providers=["CPUExecutionProvider"]
+        b.model("linear").SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
     )
     return session.run(None, {"x": x})[0]
 
@@ -97,11 +107,10 @@ def test_int4_linear_computes_the_blocks_product():
 
     got = _run_linear("int4", blocks, x)
     rms = np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact**2))
-    # Only the int8 rounding of activations (blocks of 32) separates the two:
-    # about 1.2% here. With zero points of 0 instead of centred ones the 4-bit
-    # product carries the blocks' minimums, which the residual term then cancels,
-    # and the same rounding costs 1.6 to 3.9%.
+    # Only the int8 rounding of activations (chunks of 32) separates the two.
     assert rms < 0.0135, rms
+    stated = reference_matmul_q4(x.reshape(4, 512), pack_q4(blocks))
+    np.testing.assert_allclose(got.reshape(4, -1), stated, rtol=1e-5, atol=1e-5)
     # Float weights go through the same blocks.
     np.testing.assert_allclose(_run_linear("int4", weight, x), got, rtol=0, atol=1e-5)
 

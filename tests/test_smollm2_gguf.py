@@ -270,11 +270,13 @@ def test_quantized_top1_agreement_with_fp32(
 
 
 def test_int4_package_holds_the_gguf_blocks(packages):
-    # The weights the int4 graph computes with, rebuilt from its initializers
-    # (4-bit values, scales, centred zero points, residual minimums), are the fp32
-    # package's weights: the file's Q4_1 blocks, carried over.
+    # The weights the int4 graph computes with, rebuilt from its MatMulQ4
+    # initializers (nibbles, scales and minimums in 16-row groups), are the fp32
+    # package's weights: the file's Q4_1 blocks, carried over exactly.
     import onnx
     from onnx import numpy_helper
+
+    from edgeslm.export.quantize import PackedQ4, unpack_q4
 
     def initializers(package):
         model = onnx.load(str(package / "model.onnx"))
@@ -282,15 +284,13 @@ def test_int4_package_holds_the_gguf_blocks(packages):
 
     int4, fp32 = initializers(packages[3]), initializers(packages[1])
     for name in ("layers.0.qkv", "layers.7.w_down"):
-        packed = int4[f"{name}.qweight4"]  # (N, n_blocks, 16)
-        n, n_blocks, _ = packed.shape
-        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, n_blocks, 32)
-        scales = int4[f"{name}.scales"].reshape(n, n_blocks)
-        zp_bytes = int4[f"{name}.zero_points"].reshape(n, -1)
-        zp = np.stack([zp_bytes & 15, zp_bytes >> 4], axis=-1).reshape(n, -1)
-        residual = int4[f"{name}.residual_mins"].T  # (N, n_blocks)
-        centred = q.astype(np.float32) - zp[:, :n_blocks, None]
-        blocks = centred * scales[:, :, None]
-        weight = (blocks + residual[:, :, None]).reshape(n, -1)
         expected = fp32[f"{name}.weight"].T
+        packed = PackedQ4(
+            data=int4[f"{name}.qweight4"],
+            scales=int4[f"{name}.scales"],
+            mins=int4[f"{name}.mins"],
+            n=expected.shape[0],
+            k=expected.shape[1],
+        )
+        weight = unpack_q4(packed).dequantize()
         np.testing.assert_allclose(weight, expected, rtol=0, atol=1e-6)

@@ -214,8 +214,15 @@ def save_graphs(model, folder: Path) -> dict:
             "custom_ops": (),
             "portable_model": None,
         }
+    portable = portable_model(model)
+    if portable is None:
+        return {
+            "files": [MODEL_FILE, WEIGHTS_FILE],
+            "custom_ops": (EDGESLM_DOMAIN,),
+            "portable_model": None,
+        }
     log.info("  writing %s (for onnxruntime without edgeslm's kernel)", PORTABLE_FILE)
-    onnx.save_model(portable_model(model), str(folder / PORTABLE_FILE))
+    onnx.save_model(portable, str(folder / PORTABLE_FILE))
     return {
         "files": [MODEL_FILE, PORTABLE_FILE, WEIGHTS_FILE],
         "custom_ops": (EDGESLM_DOMAIN,),

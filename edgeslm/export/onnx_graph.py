@@ -21,12 +21,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeslm.export.quantize import (
-    INT4_BLOCK_SIZE,
     INT8_ZERO_POINT,
     Q8_GROUP,
     BlockQuantized,
     Int4Blocks,
     PackedQ8,
+    pack_q4,
     pack_q8,
     quantize_int4_blocks,
     quantize_int8_blocks,
@@ -44,11 +44,6 @@ ACCURACY_LEVEL = 4
 # export/__init__. MatMulQ8 quantizes activations in chunks of 32 whatever it is.
 DEFAULT_BLOCK_SIZE = 32
 INT8_BLOCK_SIZES = (32, 64, 128, 256)
-# int4 computes in float32 (level 1): onnxruntime dequantizes 4-bit blocks on the
-# fly at about the speed of the int8 kernel, and the activations stay exact. With
-# level 4 (int8 activations in blocks of 32) SmolLM2's next-token agreement with
-# fp32 fell from 99% to 92% on a chat transcript.
-INT4_ACCURACY_LEVEL = 4
 DTYPES = ("int8", "int4", "fp32")
 
 
@@ -150,50 +145,22 @@ class GraphBuilder:
         return self.linear_q(x, quantize_int8_blocks(weight, self.block_size), name)
 
     def linear_int4(self, x: str, w: Int4Blocks, name: str) -> str:
-        """`x @ (scale * q + min).T` as two exact products.
-
-        Each block gets the integer zero point `zp = round(-min / scale)` (clipped
-        to 0..15), which leaves a residual minimum `r = min + zp * scale` of at most
-        half a step. `MatMulNBits` (4 bits, those zero points) computes
-        `x @ (scale * (q - zp)).T`, and the residual adds `block_sums(x) @ r.T`,
-        where `block_sums` sums each block of 32 inputs: `(..., n_blocks)`, a
-        matmul 1/32 the size of the weight. Centring q on its zero point keeps the
-        two products small, so that int8 rounding of the activations (level 4) is
-        not amplified by a large product that the minimum term then cancels.
+        """`x @ (scale * q + min).T` with edgeslm's `MatMulQ4` over the blocks as
+        they are (a GGUF's Q4_1 or Q4_0 blocks carry over exactly; kernels/qmatmul4.c).
         """
-        n, n_blocks = w.scales.shape
-        zp = np.clip(np.rint(-w.mins / w.scales), 0, 15)
-        residual = (w.mins + zp * w.scales).astype(np.float32)
-
-        # Zero points: two per byte along each row, even block in the low nibble.
-        zp = zp.astype(np.uint8)
-        if n_blocks % 2:
-            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-        packed_zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)
-
-        product = self.op(
-            "MatMulNBits",
+        p = pack_q4(w)
+        self.domains.add(EDGESLM_DOMAIN)
+        return self.op(
+            "MatMulQ4",
             x,
-            self.const(f"{name}.qweight4", w.packed()),
-            self.const(f"{name}.scales", w.scales.reshape(-1)),
-            self.const(f"{name}.zero_points", packed_zp),
-            domain=MS_DOMAIN,
+            self.const(f"{name}.qweight4", p.data),
+            self.const(f"{name}.scales", p.scales),
+            self.const(f"{name}.mins", p.mins),
+            domain=EDGESLM_DOMAIN,
             name=name,
-            K=w.k,
-            N=n,
-            bits=4,
-            block_size=INT4_BLOCK_SIZE,
-            accuracy_level=INT4_ACCURACY_LEVEL,
+            K=p.k,
+            N=p.n,
         )
-
-        # (1, T, K) -> (1, T, n_blocks, 32) -> sums (1, T, n_blocks) -> (1, T, N)
-        shape = np.array([0, 0, n_blocks, INT4_BLOCK_SIZE], dtype=np.int64)
-        shape_name = self.shared_const(f"int4.block_shape.{n_blocks}", shape)
-        blocks = self.op("Reshape", x, shape_name)
-        axes = self.shared_const("int4.block_axis", np.array([-1], dtype=np.int64))
-        sums = self.op("ReduceSum", blocks, axes, keepdims=0)
-        rest = self.const(f"{name}.residual_mins", np.ascontiguousarray(residual.T))
-        return self.op("Add", product, self.op("MatMul", sums, rest))
 
     def linear_q(
         self,
@@ -323,14 +290,19 @@ def _i64(values) -> np.ndarray:
 # --- the portable graph -------------------------------------------------------------
 
 
-def portable_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every `MatMulQ8` replaced by onnxruntime's `MatMulNBits`.
+def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of `model` with every `MatMulQ8` replaced by onnxruntime's `MatMulNBits`,
+    or None when the model has `MatMulQ4` nodes (4-bit packages need the kernel).
 
     The packed weights are not copied: small ops undo the interleaving (reshape,
     transpose, slice off the padding rows, cast the scales to float32), and
     onnxruntime folds them into `MatMulNBits`' own layout when it loads the graph.
     That costs load time and memory, which is why it is only the fallback.
     """
+    if any(n.op_type == "MatMulQ4" for n in model.graph.node):
+        # TODO: a portable graph for 4-bit packages; the repacking into MatMulNBits'
+        # nibble order and zero points would fold into copies of every weight.
+        return None
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes: list[onnx.NodeProto] = []

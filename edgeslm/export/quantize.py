@@ -88,6 +88,9 @@ def quantize_int8_blocks(weight: np.ndarray, block_size: int = 32) -> BlockQuant
 Q8_GROUP = 16
 Q8_CHUNK = 32
 HALF_MAX = 65504.0
+# GGUF's Q4_0 and Q4_1 blocks hold 32 values; int4 packages use the same length so
+# that such blocks carry over unchanged.
+INT4_BLOCK_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,114 @@ def unpack_q8(p: PackedQ8) -> BlockQuantized:
     )
 
 
+@dataclass(frozen=True)
+class PackedQ4:
+    """4-bit blocks of 32 in `MatMulQ4`'s layout (kernels/qmatmul4.c; rows past `n`
+    are zero).
+
+    Attributes:
+        data: `(n_groups, kp / 32, 4, 16, 4)` uint8: for block c, unit v and row
+            16g + r, input t: low nibble q[32c + 4v + t], high q[32c + 4(v + 4) + t].
+        scales, mins: `(n_groups, kp / 32, 16)` float16; w = scale * q + min.
+        n: the real number of rows.
+        k: the unpadded input dimension.
+    """
+
+    data: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray
+    n: int
+    k: int
+
+    @property
+    def kp(self) -> int:
+        return int(self.data.shape[1] * INT4_BLOCK_SIZE)
+
+
+def pack_q4(w: Int4Blocks) -> PackedQ4:
+    """Interleave 4-bit blocks in groups of 16 rows for `MatMulQ4`.
+
+    Raises:
+        ValueError: a scale or minimum is not a float16 value (GGUF's always are;
+            `quantize_int4_blocks` makes them so).
+    """
+    n, n_blocks, _ = w.q.shape
+    groups = -(-n // Q8_GROUP)
+    scales, mins = w.scales.astype(np.float16), w.mins.astype(np.float16)
+    if not (
+        np.array_equal(scales.astype(np.float32), w.scales)
+        and np.array_equal(mins.astype(np.float32), w.mins)
+    ):
+        raise ValueError("4-bit block scales and minimums must be float16 values")
+    q = np.zeros((groups * Q8_GROUP, n_blocks, INT4_BLOCK_SIZE), dtype=np.uint8)
+    q[:n] = w.q
+    units = q.reshape(groups, Q8_GROUP, n_blocks, 8, 4)  # (g, r, c, unit, t)
+    pairs = units[:, :, :, :4] | (units[:, :, :, 4:] << 4)  # units v and v + 4
+    data = pairs.transpose(0, 2, 3, 1, 4)  # (g, c, v, r, t)
+
+    def per_group(values: np.ndarray) -> np.ndarray:
+        full = np.zeros((groups * Q8_GROUP, n_blocks), dtype=np.float16)
+        full[:n] = values
+        return np.ascontiguousarray(
+            full.reshape(groups, Q8_GROUP, n_blocks).transpose(0, 2, 1)
+        )
+
+    return PackedQ4(
+        data=np.ascontiguousarray(data),
+        scales=per_group(scales),
+        mins=per_group(mins),
+        n=n,
+        k=w.k,
+    )
+
+
+def _quantized_rows(x: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's activations: int8 chunks of 32 `(M, kp / 32, 32)` and their
+    float32 scales `(M, kp / 32)`."""
+    m = x.shape[0]
+    padded = np.zeros((m, kp), dtype=np.float32)
+    padded[:, : x.shape[1]] = x
+    chunks = padded.reshape(m, -1, Q8_CHUNK)
+    sx = (np.abs(chunks).max(axis=2) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), sx, out=np.zeros_like(sx), where=sx != 0)
+    qx = np.clip(np.rint(chunks * inv[:, :, None]), -127, 127).astype(np.int64)
+    return qx, sx
+
+
+def unpack_q4(p: PackedQ4) -> Int4Blocks:
+    """The row-major 4-bit blocks of a packed weight (`pack_q4` undone)."""
+    groups, n_blocks = p.data.shape[:2]
+    pairs = p.data.transpose(0, 3, 1, 2, 4)  # (g, r, c, v, t)
+    units = np.concatenate([pairs & 15, pairs >> 4], axis=3)  # (g, r, c, unit, t)
+    q = units.reshape(groups * Q8_GROUP, n_blocks, INT4_BLOCK_SIZE)[: p.n]
+
+    def rows(values: np.ndarray) -> np.ndarray:
+        flat = values.transpose(0, 2, 1).reshape(-1, n_blocks)[: p.n]
+        return np.ascontiguousarray(flat.astype(np.float32))
+
+    return Int4Blocks(
+        q=np.ascontiguousarray(q), scales=rows(p.scales), mins=rows(p.mins), k=p.k
+    )
+
+
+def reference_matmul_q4(x: np.ndarray, p: PackedQ4) -> np.ndarray:
+    """What `MatMulQ4` computes for `x` `(M, K)`, in numpy (sums in float64): with q
+    centred on 8, per block `sx * scale * dot(q - 8, qx) + (min + 8 scale) * sum(x)`,
+    the second term from the activations themselves."""
+    qx, sx = _quantized_rows(x, p.kp)
+    blocks = unpack_q4(p)
+    centred = blocks.q.astype(np.int64) - 8
+    dots = np.einsum("mcj,ncj->mnc", qx, centred).astype(np.float64)
+    padded = np.zeros((x.shape[0], p.kp), dtype=np.float32)
+    padded[:, : x.shape[1]] = x
+    xsum = (
+        padded.reshape(x.shape[0], -1, INT4_BLOCK_SIZE).sum(axis=2).astype(np.float64)
+    )
+    scale = (blocks.scales[None] * sx[:, None, :]).astype(np.float64)
+    offset = (blocks.mins + 8 * blocks.scales).astype(np.float64)
+    return (dots * scale + offset[None] * xsum[:, None, :]).sum(axis=2)
+
+
 def reference_matmul_q8(x: np.ndarray, p: PackedQ8) -> np.ndarray:
     """What `MatMulQ8` computes for `x` `(M, K)`, in numpy (sums in float64).
 
@@ -153,14 +264,7 @@ def reference_matmul_q8(x: np.ndarray, p: PackedQ8) -> np.ndarray:
     values `rint(x / scale)`; each chunk's exact integer dot product with the weight
     rows is scaled by the two scales and summed.
     """
-    m = x.shape[0]
-    padded = np.zeros((m, p.kp), dtype=np.float32)
-    padded[:, : p.k] = x
-    chunks = padded.reshape(m, -1, Q8_CHUNK)
-    sx = (np.abs(chunks).max(axis=2) / np.float32(127)).astype(np.float32)
-    inv = np.divide(np.float32(1), sx, out=np.zeros_like(sx), where=sx != 0)
-    qx = np.clip(np.rint(chunks * inv[:, :, None]), -127, 127).astype(np.int64)
-
+    qx, sx = _quantized_rows(x, p.kp)
     blocks = unpack_q8(p)
     qw = blocks.data.astype(np.int64).reshape(p.n, -1, Q8_CHUNK) - INT8_ZERO_POINT
     dots = np.einsum("mcj,ncj->mnc", qx, qw).astype(np.float64)
@@ -171,10 +275,6 @@ def reference_matmul_q8(x: np.ndarray, p: PackedQ8) -> np.ndarray:
 
 
 # --- 4-bit blocks -----------------------------------------------------------------
-
-# GGUF's Q4_0 and Q4_1 blocks hold 32 values; int4 packages use the same length so
-# that such blocks carry over unchanged.
-INT4_BLOCK_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -215,7 +315,9 @@ class Int4Blocks:
 def quantize_int4_blocks(weight: np.ndarray) -> Int4Blocks:
     """Quantize `(N, K)` float weights to 4-bit min/max blocks of 32 (as Q4_1).
 
-    Each block keeps its minimum and `(max - min) / 15`; K must be a multiple of 32.
+    Each block keeps its minimum and `(max - min) / 15`, both rounded to float16 (as
+    GGUF stores them), and the values are rounded against those; K must be a
+    multiple of 32.
     """
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {weight.shape}")
@@ -224,16 +326,11 @@ def quantize_int4_blocks(weight: np.ndarray) -> Int4Blocks:
         # TODO: pad K for 4-bit blocks; every supported model has K % 32 == 0.
         raise NotImplementedError(f"int4 needs K % 32 == 0, got K = {k}")
     blocks = weight.astype(np.float32).reshape(n, -1, INT4_BLOCK_SIZE)
-    mins = blocks.min(axis=2)
-    scales = (blocks.max(axis=2) - mins) / 15.0
+    mins = blocks.min(axis=2).astype(np.float16).astype(np.float32)
+    scales = ((blocks.max(axis=2) - mins) / 15.0).astype(np.float16).astype(np.float32)
     scales[scales == 0] = 1.0  # a constant block: q = 0 gives the minimum exactly
     q = np.rint((blocks - mins[:, :, None]) / scales[:, :, None]).clip(0, 15)
-    return Int4Blocks(
-        q=q.astype(np.uint8),
-        scales=scales.astype(np.float32),
-        mins=mins.astype(np.float32),
-        k=k,
-    )
+    return Int4Blocks(q=q.astype(np.uint8), scales=scales, mins=mins, k=k)
 
 
 def concat_int4(parts: list[Int4Blocks]) -> Int4Blocks:
