@@ -25,7 +25,9 @@ KERNEL_SOURCES = [
     "kernels/kvcache.c",
     "kernels/qmatmul.c",
     "kernels/qmatmul4.c",
+    "kernels/attention.c",
     "kernels/ort_op.c",
+    "kernels/ort_attention.c",
 ]
 # -ffp-contract=off: no fused multiply-add, so every platform rounds like numpy does.
 KERNEL_CFLAGS = [
@@ -82,7 +84,9 @@ setup(
                 "kernels/edgeslm_kernel.h",
                 "kernels/esl_internal.h",
                 "kernels/qmatmul.h",
+                "kernels/attention.h",
                 "kernels/ort_abi.h",
+                "kernels/ort_util.h",
             ],
             extra_compile_args=KERNEL_CFLAGS,
             libraries=["m"] if sys.platform != "win32" else [],

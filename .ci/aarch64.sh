@@ -4,8 +4,8 @@
 # Under qemu-user emulating the Pi 4 CPU (cortex-a72, ARMv8.0, no dotprod) and the
 # Pi 5 CPU (cortex-a76, ARMv8.2 + dotprod), runs:
 #   - the kernel self-test (kernels/selftest.c, cross-compiled, static);
-#   - tests/test_sampler.py, tests/test_kvcache.py and tests/test_qmatmul.py on an
-#     aarch64 CPython 3.11 with the kernel cross-compiled for baseline ARMv8.0
+#   - tests/test_sampler.py, test_kvcache.py, test_qmatmul.py and test_attention.py on
+#     an aarch64 CPython 3.11 with the kernel cross-compiled for baseline ARMv8.0
 #     (EDGESLM_KERNEL=c: no fallback); the int8 matmul's dot-product path is
 #     compiled in and chosen at run time, so the Pi 5 CPU runs it and the Pi 4 not;
 #   - greedy generation with a tiny random Llama (int8, its portable graph and fp32
@@ -379,7 +379,8 @@ for cpu in $CPUS; do
     rc=0
     (cd "$REPO" && timeout 900 "${emu_env[@]}" "$EMU_PY" -m pytest \
         -p no:cacheprovider -q -o addopts= -rfE "${DESELECT[@]}" \
-        tests/test_sampler.py tests/test_kvcache.py tests/test_qmatmul.py) 2>&1 |
+        tests/test_sampler.py tests/test_kvcache.py tests/test_qmatmul.py \
+        tests/test_attention.py) 2>&1 |
         tee "$out/pytest.log" || rc=$?
     counts=$(grep -E '[0-9]+ (passed|failed|errors?)\b' "$out/pytest.log" | tail -n1 |
         tr -d '=' | xargs || true)

@@ -27,6 +27,9 @@ typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 typedef struct OrtApi OrtApi; /* used only as a table of slots, see ESL_ORT_SLOT */
 
+/* OrtCustomOpInputOutputCharacteristic values used here. */
+enum { ESL_ORT_REQUIRED = 0, ESL_ORT_OPTIONAL = 1 };
+
 /* OrtErrorCode values used here. */
 enum { ESL_ORT_FAIL = 1, ESL_ORT_INVALID_ARGUMENT = 2 };
 
@@ -34,6 +37,7 @@ enum { ESL_ORT_FAIL = 1, ESL_ORT_INVALID_ARGUMENT = 2 };
 enum {
     ESL_ORT_FLOAT = 1,
     ESL_ORT_UINT8 = 2,
+    ESL_ORT_INT32 = 6,
     ESL_ORT_FLOAT16 = 10
 };
 
@@ -56,6 +60,7 @@ typedef struct OrtApiBase {
 #define ESL_ORT_GetDimensionsCount 61                /* 1 */
 #define ESL_ORT_GetDimensions 62                     /* 1 */
 #define ESL_ORT_GetTensorTypeAndShape 65             /* 1 */
+#define ESL_ORT_KernelInfoGetAttribute_float 85      /* 1 */
 #define ESL_ORT_KernelInfoGetAttribute_int64 86      /* 1 */
 #define ESL_ORT_KernelContext_GetInput 90            /* 1 */
 #define ESL_ORT_KernelContext_GetOutput 91           /* 1 */
@@ -79,6 +84,8 @@ typedef OrtStatus *(*esl_ort_dims_fn)(const OrtTensorTypeAndShapeInfo *info, int
                                       size_t n);
 typedef OrtStatus *(*esl_ort_type_and_shape_fn)(const OrtValue *value,
                                                 OrtTensorTypeAndShapeInfo **out);
+typedef OrtStatus *(*esl_ort_attr_float_fn)(const OrtKernelInfo *info, const char *name,
+                                            float *out);
 typedef OrtStatus *(*esl_ort_attr_int64_fn)(const OrtKernelInfo *info, const char *name,
                                             int64_t *out);
 typedef OrtStatus *(*esl_ort_get_input_fn)(const OrtKernelContext *ctx, size_t index,

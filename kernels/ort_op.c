@@ -24,16 +24,18 @@
 
 #include "edgeslm_kernel.h"
 #include "ort_abi.h"
+#include "ort_util.h"
 #include "qmatmul.h"
 
 #define OP_DOMAIN "ai.edgeslm"
-#define MAX_DIMS 8
 /* One decode row's activations fit this stack buffer for K up to 4096. */
 #define STACK_SCRATCH 24576
 /* Work items per product: enough to balance threads, few enough to stay cheap. */
 #define MAX_ITEMS 16
 
-static const OrtApi *g_api;
+/* The API table RegisterCustomOps was given (see ort_util.h). */
+const OrtApi *esl__ort_api;
+#define g_api esl__ort_api
 
 /* What a kernel multiplies by: int8 blocks (MatMulQ8) or 4-bit blocks (MatMulQ4). */
 typedef enum { KIND_Q8 = 0, KIND_Q4 = 1 } op_kind;
@@ -56,21 +58,21 @@ typedef struct qmm_job {
     int64_t per_item; /* groups per work item */
 } qmm_job;
 
-/* Returns an onnxruntime status with a formatted message naming the operator. */
-static OrtStatus *fail(op_kind kind, int code, const char *fmt, ...)
+/* Contract: see ort_util.h. */
+OrtStatus *esl__ort_fail(const char *op, int code, const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
-    int used = snprintf(msg, sizeof msg, "%s::%s: ", OP_DOMAIN, OP_NAMES[kind]);
+    int used = snprintf(msg, sizeof msg, "%s::%s: ", OP_DOMAIN, op);
     va_start(ap, fmt);
     vsnprintf(msg + used, sizeof msg - (size_t)used, fmt, ap);
     va_end(ap);
     return ESL_ORT_SLOT(g_api, ESL_ORT_CreateStatus, esl_ort_create_status_fn)(code, msg);
 }
 
-/* Reads the element type, rank and dims (up to MAX_DIMS) of a tensor value. */
-static OrtStatus *tensor_shape(op_kind kind, const OrtValue *v, int *type, size_t *rank,
-                               int64_t *dims)
+/* Contract: see ort_util.h. */
+OrtStatus *esl__ort_shape(const char *op, const OrtValue *v, int *type, size_t *rank,
+                          int64_t *dims)
 {
     OrtTensorTypeAndShapeInfo *info = NULL;
     OrtStatus *st = ESL_ORT_SLOT(g_api, ESL_ORT_GetTensorTypeAndShape,
@@ -80,9 +82,9 @@ static OrtStatus *tensor_shape(op_kind kind, const OrtValue *v, int *type, size_
                                                                                       type);
     if (!st)
         st = ESL_ORT_SLOT(g_api, ESL_ORT_GetDimensionsCount, esl_ort_dims_count_fn)(info, rank);
-    if (!st && *rank > MAX_DIMS)
-        st = fail(kind, ESL_ORT_INVALID_ARGUMENT, "tensor of rank %zu (at most %d)", *rank,
-                  MAX_DIMS);
+    if (!st && *rank > ESL_ORT_MAX_DIMS)
+        st = esl__ort_fail(op, ESL_ORT_INVALID_ARGUMENT, "tensor of rank %zu (at most %d)",
+                           *rank, ESL_ORT_MAX_DIMS);
     if (!st)
         st = ESL_ORT_SLOT(g_api, ESL_ORT_GetDimensions, esl_ort_dims_fn)(info, dims, *rank);
     if (info)
@@ -90,12 +92,17 @@ static OrtStatus *tensor_shape(op_kind kind, const OrtValue *v, int *type, size_
     return st;
 }
 
-/* The data pointer of a tensor value (onnxruntime's API takes it as mutable). */
-static OrtStatus *tensor_data(const OrtValue *v, void **out)
+/* Contract: see ort_util.h. */
+OrtStatus *esl__ort_data(const OrtValue *v, void **out)
 {
     return ESL_ORT_SLOT(g_api, ESL_ORT_GetTensorMutableData, esl_ort_mutable_data_fn)(
         (OrtValue *)v, out);
 }
+
+/* The helpers under the names this file uses. */
+#define fail(kind, ...) esl__ort_fail(OP_NAMES[kind], __VA_ARGS__)
+#define tensor_shape(kind, ...) esl__ort_shape(OP_NAMES[kind], __VA_ARGS__)
+#define tensor_data esl__ort_data
 
 /* Element count of a tensor of `rank` dims. */
 static int64_t count_of(const int64_t *dims, size_t rank)
@@ -123,7 +130,7 @@ static OrtStatus *check_weights(const qmm_kernel *kn, const OrtValue *const *inp
     want[0] = kn->kind == KIND_Q4 ? kn->n_groups * kn->kp * 8 : kn->n_groups * kn->kp * 16;
     want[1] = want[2] = kn->n_groups * blocks * 16;
     for (i = 0; i < n_inputs; i++) {
-        int64_t dims[MAX_DIMS];
+        int64_t dims[ESL_ORT_MAX_DIMS];
         size_t rank;
         int type;
         OrtStatus *st = tensor_shape(kn->kind, inputs[i], &type, &rank, dims);
@@ -222,7 +229,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     const OrtValue *a_val = NULL;
     OrtValue *y_val = NULL;
     const void *w[3] = {kn->w[0], kn->w[1], kn->w[2]};
-    int64_t dims[MAX_DIMS], m = 1, items;
+    int64_t dims[ESL_ORT_MAX_DIMS], m = 1, items;
     size_t rank, i, need;
     int type;
     float *x, *y;
@@ -395,7 +402,7 @@ static OrtCustomOpDomain *g_domain;
 
 /*
  * Called by onnxruntime for SessionOptions.register_custom_ops_library: adds the
- * ai.edgeslm domain to `options`. The domain lives as long as the process, as every
+ * ai.edgeslm domain (MatMulQ8, MatMulQ4, CachedAttention) to `options`. The domain lives as long as the process, as every
  * session made with it must outlive it. Not thread-safe against itself (the Python
  * API registers under the GIL).
  */
@@ -425,6 +432,9 @@ ESL_API OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBas
         if (!st)
             st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
                 g_domain, &g_ops[KIND_Q4]);
+        if (!st)
+            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
+                g_domain, &esl__attention_op);
         if (st) {
             g_domain = NULL; /* leaked on this error path only; the next call retries */
             return st;

@@ -56,7 +56,11 @@ DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") 
 )
 # Variant -> (export dtype, int8 block length or None for the export's default).
 # "int8" is what `edgeslm export` writes by default; int4 where the export offers it.
-VARIANTS = {"int8": ("int8", None), "int8-block16": ("int8", 16)}
+VARIANTS = {
+    "int8": ("int8", None),
+    "int8-block64": ("int8", 64),
+    "int8-block128": ("int8", 128),
+}
 DECODERS = ("smollm2", "llama-68m", "dialogpt-small")
 MODELS = (*DECODERS, "minilm")
 

@@ -19,9 +19,9 @@ Canonical tensor names (all float32, weights `(out, in)`):
     norm[_bias]                  (hidden_size,)
 
 The graph keeps edgeslm's decoder contract (see `llama.py`): the same inputs, the
-last position's logits, and `GroupQueryAttention` bound to the runtime's cache,
-here with `do_rotary=0` and as many key/value heads as query heads. Positions are
-computed inside the graph from `total_sequence_length`, so the runtime feeds GPT-2
+last position's logits, and the cached attention bound to the runtime's cache, here
+without rotary embedding and with as many key/value heads as query heads. Positions
+are computed inside the graph from `total_sequence_length`, so the runtime feeds GPT-2
 exactly as it feeds Llama. Learned positions cannot be re-rotated, so a full context
 is recomputed over the kept tokens (`context_shift = "reprefill"` in the manifest).
 
@@ -258,24 +258,7 @@ def _block(
         b.linear(h, ckpt.load(f"{p}.wqkv"), f"{p}.qkv"),
         b.const(f"{p}.qkv.bias", ckpt.load(f"{p}.wqkv_bias")),
     )
-    attn = b.node(
-        "GroupQueryAttention",
-        [
-            qkv,
-            "",
-            "",
-            f"past_key_values.{layer}.key",
-            f"past_key_values.{layer}.value",
-            "seqlens_k",
-            "total_sequence_length",
-        ],
-        name=f"{p}.attn",
-        outputs=[f"{p}.attn/out", f"present.{layer}.key", f"present.{layer}.value"],
-        domain=MS_DOMAIN,
-        num_heads=cfg.n_heads,
-        kv_num_heads=cfg.n_kv_heads,
-        do_rotary=0,
-    )[0]
+    attn = b.attention(qkv, layer, cfg.n_heads, cfg.n_kv_heads, None)
     o = b.linear(attn, ckpt.load(f"{p}.wo"), f"{p}.wo")
     o_bias = b.const(f"{p}.wo.bias", ckpt.load(f"{p}.wo_bias"))
 

@@ -10,9 +10,10 @@ The graph follows edgeslm's decoder contract (docs/ARCHITECTURE.md):
     outputs  logits                 (1, vocab_size) f32, last position only
              present.{l}.key / .value  the same buffers as the past ones
 
-Attention is onnxruntime's `GroupQueryAttention` with RoPE applied inside it; the
-runtime binds each past and present to one preallocated buffer, so a decode step
-writes only the new positions and never copies the cache.
+Attention is edgeslm's `CachedAttention` (GroupQueryAttention's inputs and outputs,
+kernels/attention.c) with RoPE applied inside it; the runtime binds each past and
+present to one preallocated buffer, so a decode step writes only the new positions
+and never copies the cache.
 """
 
 from __future__ import annotations
@@ -173,28 +174,7 @@ def _block(b: GraphBuilder, ckpt: Checkpoint, layer: int, x: str, residual: str 
     # One packed QKV projection feeds GroupQueryAttention (RoPE inside).
     wqkv = _weights(b, ckpt, f"{p}.wq", f"{p}.wk", f"{p}.wv")
     qkv = b.linear(h, wqkv, f"{p}.qkv")
-    cos, sin = _rope_tables(b, cfg)
-    attn = b.node(
-        "GroupQueryAttention",
-        [
-            qkv,
-            "",
-            "",
-            f"past_key_values.{layer}.key",
-            f"past_key_values.{layer}.value",
-            "seqlens_k",
-            "total_sequence_length",
-            cos,
-            sin,
-        ],
-        name=f"{p}.attn",
-        outputs=[f"{p}.attn/out", f"present.{layer}.key", f"present.{layer}.value"],
-        domain=MS_DOMAIN,
-        num_heads=cfg.n_heads,
-        kv_num_heads=cfg.n_kv_heads,
-        do_rotary=1,
-        rotary_interleaved=0,
-    )[0]
+    attn = b.attention(qkv, layer, cfg.n_heads, cfg.n_kv_heads, _rope_tables(b, cfg))
     o = b.linear(attn, _weights(b, ckpt, f"{p}.wo"), f"{p}.wo")
 
     # Feed-forward: packed gate+up projection, SiLU(gate) * up, down projection.

@@ -144,6 +144,41 @@ class GraphBuilder:
             return self.linear_int4(x, quantize_int4_blocks(weight), name)
         return self.linear_q(x, quantize_int8_blocks(weight, self.block_size), name)
 
+    def attention(
+        self,
+        qkv: str,
+        layer: int,
+        n_heads: int,
+        n_kv_heads: int,
+        rope: tuple[str, str] | None,
+    ) -> str:
+        """Causal attention of layer `layer` over the runtime's cache: edgeslm's
+        `CachedAttention` (kernels/attention.c), which takes GroupQueryAttention's
+        inputs, so the portable graph swaps one for the other. `rope`: the cos and
+        sin tables, or None for no rotary embedding. Returns the attention output."""
+        p = f"layers.{layer}"
+        inputs = [
+            qkv,
+            "",
+            "",
+            f"past_key_values.{layer}.key",
+            f"past_key_values.{layer}.value",
+            "seqlens_k",
+            "total_sequence_length",
+            *(rope or ()),
+        ]
+        self.domains.add(EDGESLM_DOMAIN)
+        return self.node(
+            "CachedAttention",
+            inputs,
+            name=f"{p}.attn",
+            outputs=[f"{p}.attn/out", f"present.{layer}.key", f"present.{layer}.value"],
+            domain=EDGESLM_DOMAIN,
+            num_heads=n_heads,
+            kv_num_heads=n_kv_heads,
+            do_rotary=int(rope is not None),
+        )[0]
+
     def linear_int4(self, x: str, w: Int4Blocks, name: str) -> str:
         """`x @ (scale * q + min).T` with edgeslm's `MatMulQ4` over the blocks as
         they are (a GGUF's Q4_1 or Q4_0 blocks carry over exactly; kernels/qmatmul4.c).
@@ -291,8 +326,9 @@ def _i64(values) -> np.ndarray:
 
 
 def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """A copy of `model` with every `MatMulQ8` replaced by onnxruntime's `MatMulNBits`,
-    or None when the model has `MatMulQ4` nodes (4-bit packages need the kernel).
+    """A copy of `model` with onnxruntime's own operators for edgeslm's: `MatMulNBits`
+    for every `MatMulQ8`, `GroupQueryAttention` for every `CachedAttention`; None when
+    the model has `MatMulQ4` nodes (4-bit packages need the kernel).
 
     The packed weights are not copied: small ops undo the interleaving (reshape,
     transpose, slice off the padding rows, cast the scales to float32), and
@@ -313,6 +349,20 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
             nodes.append(node)
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "CachedAttention":
+            rotary = {"rotary_interleaved": 0} if attrs.get("do_rotary") else {}
+            nodes.append(
+                helper.make_node(
+                    "GroupQueryAttention",
+                    list(node.input),
+                    list(node.output),
+                    name=node.name,
+                    domain=MS_DOMAIN,
+                    **attrs,
+                    **rotary,
+                )
+            )
+            continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
         x, data, scales = node.input
         if (data, scales) not in unpacked:

@@ -1,0 +1,316 @@
+/*
+ * attention.c - causal attention over the runtime's KV cache, for the decoder graphs.
+ *
+ * What onnxruntime's GroupQueryAttention does for edgeslm's graphs (batch 1, past and
+ * present the same buffer), without its per-call overhead, which was an eighth of a
+ * decode step on SmolLM2:
+ *   qkv     [s][(n_heads + 2 * n_kv_heads) * head_dim]   the new tokens' projections
+ *   cache   keys and values [n_kv_heads][max_seq][head_dim] each, float32
+ *   out     [s][n_heads * head_dim]
+ * The new tokens sit at positions total - s .. total - 1. With RoPE (rotate-half, as
+ * Hugging Face's Llama), their queries and keys are rotated by the tables
+ * cos/sin [max_seq][head_dim / 2]; the keys are stored rotated. Query i attends to
+ * positions 0 .. total - s + i, query head h to kv head h / (n_heads / n_kv_heads),
+ * scores scaled by `scale`, softmax in float with the maximum subtracted.
+ */
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "attention.h"
+#include "edgeslm_kernel.h"
+#include "qmatmul.h"
+
+#define UNROLL ESL_UNROLL
+
+/* ---- small vector routines, one per ISA (x[n], n a multiple of 4) ----------------- */
+
+#if ESL_HAVE_AVX2_CODE
+ESL_TARGET_QMM_AVX2 static float dot_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc0 = _mm256_add_ps(acc0, acc1);
+    {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
+        float total;
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        total = _mm_cvtss_f32(s);
+        for (; i < n; i++)
+            total += a[i] * b[i];
+        return total;
+    }
+}
+
+ESL_TARGET_QMM_AVX2 static void axpy_avx2(float *y, float a, const float *x, int64_t n)
+{
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += a * x[i];
+}
+
+/*
+ * exp(x) for x <= 0 in 8 lanes: 2^(x log2 e) split into an integer power, set in the
+ * exponent bits, and a degree-6 polynomial of the fraction, fitted to 2^f on [0, 1)
+ * (relative error about 1e-7 in float; x below -87 is taken as -87, about 1e-38).
+ */
+ESL_TARGET_QMM_AVX2 static __m256 exp_avx2(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    __m256 t, f, p;
+    __m256i k;
+    x = _mm256_max_ps(lo, x); /* NaN stays NaN (max_ps returns its second operand) */
+    t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    f = _mm256_floor_ps(t);
+    k = _mm256_cvtps_epi32(f);
+    t = _mm256_sub_ps(t, f); /* in [0, 1) */
+    p = _mm256_set1_ps(2.154066972e-4f);
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.248284004e-3f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(9.674549892e-3f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(5.548532072e-2f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(2.402294005e-1f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(6.931470282e-1f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f));
+    k = _mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(k));
+}
+
+/* scores[t] = exp(scores[t] - max); returns their sum. */
+ESL_TARGET_QMM_AVX2 static float softmax_exp_avx2(float *scores, int64_t n, float max)
+{
+    const __m256 vmax = _mm256_set1_ps(max);
+    __m256 acc = _mm256_setzero_ps();
+    float sum;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores + i), vmax));
+        _mm256_storeu_ps(scores + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    {
+        float lanes[8];
+        int j;
+        _mm256_storeu_ps(lanes, acc);
+        sum = 0.0f;
+        for (j = 0; j < 8; j++)
+            sum += lanes[j];
+    }
+    for (; i < n; i++) {
+        scores[i] = expf(scores[i] - max);
+        sum += scores[i];
+    }
+    return sum;
+}
+#endif
+
+#if ESL_HAVE_NEON
+static float dot_neon(const float *a, const float *b, int64_t n)
+{
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    float total;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
+        acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+    }
+    total = vaddvq_f32(vaddq_f32(acc0, acc1));
+    for (; i < n; i++)
+        total += a[i] * b[i];
+    return total;
+}
+
+static void axpy_neon(float *y, float a, const float *x, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+    for (; i < n; i++)
+        y[i] += a * x[i];
+}
+
+/* exp(x), x <= 0, 4 lanes: the same scheme as exp_avx2. */
+static float32x4_t exp_neon(float32x4_t x)
+{
+    float32x4_t t, f, p;
+    int32x4_t k;
+    x = vmaxq_f32(x, vdupq_n_f32(-87.0f));
+    t = vmulq_n_f32(x, 1.44269504088896341f);
+    f = vrndmq_f32(t);
+    k = vcvtq_s32_f32(f);
+    t = vsubq_f32(t, f);
+    p = vdupq_n_f32(2.154066972e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.248284004e-3f), p, t);
+    p = vfmaq_f32(vdupq_n_f32(9.674549892e-3f), p, t);
+    p = vfmaq_f32(vdupq_n_f32(5.548532072e-2f), p, t);
+    p = vfmaq_f32(vdupq_n_f32(2.402294005e-1f), p, t);
+    p = vfmaq_f32(vdupq_n_f32(6.931470282e-1f), p, t);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, t);
+    k = vshlq_n_s32(vaddq_s32(k, vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(k));
+}
+
+static float softmax_exp_neon(float *scores, int64_t n, float max)
+{
+    const float32x4_t vmax = vdupq_n_f32(max);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    float sum;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t e = exp_neon(vsubq_f32(vld1q_f32(scores + i), vmax));
+        vst1q_f32(scores + i, e);
+        acc = vaddq_f32(acc, e);
+    }
+    sum = vaddvq_f32(acc);
+    for (; i < n; i++) {
+        scores[i] = expf(scores[i] - max);
+        sum += scores[i];
+    }
+    return sum;
+}
+#endif
+
+static float dot_c(const float *a, const float *b, int64_t n)
+{
+    float total = 0.0f;
+    int64_t i;
+    for (i = 0; i < n; i++)
+        total += a[i] * b[i];
+    return total;
+}
+
+static void axpy_c(float *y, float a, const float *x, int64_t n)
+{
+    int64_t i;
+    for (i = 0; i < n; i++)
+        y[i] += a * x[i];
+}
+
+static float softmax_exp_c(float *scores, int64_t n, float max)
+{
+    float sum = 0.0f;
+    int64_t i;
+    for (i = 0; i < n; i++) {
+        scores[i] = expf(scores[i] - max);
+        sum += scores[i];
+    }
+    return sum;
+}
+
+typedef struct vec_ops {
+    float (*dot)(const float *, const float *, int64_t);
+    void (*axpy)(float *, float, const float *, int64_t);
+    float (*softmax_exp)(float *, int64_t, float);
+} vec_ops;
+
+/* The vector routines of the matmul's SIMD level (esl_qmm_level). */
+static vec_ops ops_for_level(int32_t level)
+{
+    vec_ops ops = {dot_c, axpy_c, softmax_exp_c};
+#if ESL_HAVE_AVX2_CODE
+    if (level >= 1) {
+        ops.dot = dot_avx2;
+        ops.axpy = axpy_avx2;
+        ops.softmax_exp = softmax_exp_avx2;
+    }
+#elif ESL_HAVE_NEON
+    if (level >= 1) {
+        ops.dot = dot_neon;
+        ops.axpy = axpy_neon;
+        ops.softmax_exp = softmax_exp_neon;
+    }
+#else
+    (void)level;
+#endif
+    return ops;
+}
+
+/* ---- the steps -------------------------------------------------------------------- */
+
+/* Rotates the first 2 * half values of x (rotate-half) by the angles at `pos`. */
+static void rope(float *x, const float *cos_t, const float *sin_t, int64_t pos, int64_t half)
+{
+    const float *c = cos_t + pos * half, *s = sin_t + pos * half;
+    int64_t j;
+    for (j = 0; j < half; j++) {
+        float a = x[j], b = x[j + half];
+        x[j] = a * c[j] - b * s[j];
+        x[j + half] = a * s[j] + b * c[j];
+    }
+}
+
+/* Contract: see attention.h. */
+int32_t esl__attn_check(const esl_attn_desc *d)
+{
+    if (!d || d->n_heads < 1 || d->n_kv_heads < 1 || d->n_heads % d->n_kv_heads ||
+        d->head_dim < 2 || d->head_dim % 2 || d->max_seq < 1 || d->s < 1 ||
+        d->total < d->s || d->total > d->max_seq || d->head_dim > ESL_ATTN_MAX_HEAD_DIM)
+        return ESL_ERR_ARG;
+    return ESL_OK;
+}
+
+/* Contract: see attention.h. */
+void esl__attn_store(const esl_attn_desc *d, const float *qkv, const float *cos_t,
+                     const float *sin_t, float *keys, float *values)
+{
+    const int64_t dim = d->head_dim, width = (d->n_heads + 2 * d->n_kv_heads) * dim;
+    int64_t i, h;
+
+    for (i = 0; i < d->s; i++) {
+        const int64_t pos = d->total - d->s + i;
+        const float *row = qkv + i * width;
+        for (h = 0; h < d->n_kv_heads; h++) {
+            float *k = keys + (h * d->max_seq + pos) * dim;
+            float *v = values + (h * d->max_seq + pos) * dim;
+            memcpy(k, row + (d->n_heads + h) * dim, (size_t)dim * sizeof(float));
+            memcpy(v, row + (d->n_heads + d->n_kv_heads + h) * dim,
+                   (size_t)dim * sizeof(float));
+            if (cos_t)
+                rope(k, cos_t, sin_t, pos, dim / 2);
+        }
+    }
+}
+
+/* Contract: see attention.h. */
+void esl__attn_head(const esl_attn_desc *d, const float *qkv, const float *cos_t,
+                    const float *sin_t, const float *keys, const float *values, int64_t h,
+                    int64_t row0, int64_t row1, float *scores, float *out)
+{
+    const int64_t dim = d->head_dim, width = (d->n_heads + 2 * d->n_kv_heads) * dim;
+    const int64_t kv = h / (d->n_heads / d->n_kv_heads);
+    const float *k = keys + kv * d->max_seq * dim, *v = values + kv * d->max_seq * dim;
+    const vec_ops ops = ops_for_level(esl_qmm_level());
+    int64_t i;
+
+    for (i = row0; i < row1; i++) {
+        const int64_t pos = d->total - d->s + i, n = pos + 1;
+        float q[ESL_ATTN_MAX_HEAD_DIM], *o = out + (i * d->n_heads + h) * dim;
+        float max = -FLT_MAX, inv;
+        int64_t t;
+
+        /* Scores of the rotated query against every visible key, then softmax. */
+        memcpy(q, qkv + i * width + h * dim, (size_t)dim * sizeof(float));
+        if (cos_t)
+            rope(q, cos_t, sin_t, pos, dim / 2);
+        for (t = 0; t < n; t++) {
+            scores[t] = ops.dot(q, k + t * dim, dim) * d->scale;
+            max = scores[t] > max ? scores[t] : max;
+        }
+        inv = 1.0f / ops.softmax_exp(scores, n, max);
+
+        /* The weighted sum of the values. */
+        memset(o, 0, (size_t)dim * sizeof(float));
+        for (t = 0; t < n; t++)
+            ops.axpy(o, scores[t] * inv, v + t * dim, dim);
+    }
+}
