@@ -91,9 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         "--block-size",
         type=int,
         default=32,
-        choices=(16, 32, 64, 128),
-        help="int8 block length: smaller is more faithful, larger is smaller and "
-        "faster (default: 32)",
+        choices=(32, 64, 128),
+        help="int8 weight block length: 32 is the most faithful, larger blocks are "
+        "a little smaller (default: 32)",
     )
     exp.add_argument(
         "--smooth",

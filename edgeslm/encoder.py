@@ -45,7 +45,7 @@ class EncoderManifest:
         config: `architecture`, `vocab_size`, `hidden_size`, `n_layers`, `n_heads`,
             `intermediate_size`, `max_seq_len`, `norm_eps`.
         graph: graph kind, one of `ENCODER_GRAPHS`.
-        quantization: "int8-block16", ... or "fp32".
+        quantization: "int8-block32", ... or "fp32".
         max_tokens: longest input in tokens; longer texts are truncated.
         source: where the weights came from.
         files: sha256 of every file of the package.

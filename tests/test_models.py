@@ -211,3 +211,29 @@ def test_models_lists_what_is_installed(hub_env):
     exported = any("package" in i for i in by_name["dialogpt-small"]["installed"])
     assert exported == any((root / "cache").rglob("edgeslm.json"))
     assert edgeslm_cli("models", "--verify", env=env).returncode == 0
+
+
+def test_a_package_from_an_older_exporter_is_exported_again(
+    tiny_folder, tmp_path, monkeypatch
+):
+    # A cached export records the exporter generation that made it; an older one
+    # (say, before edgeslm's own operators) is replaced, a current one reused.
+    import json
+
+    from edgeslm import hub
+    from edgeslm.manifest import EXPORT_VERSION, Manifest
+
+    monkeypatch.setenv("EDGESLM_CACHE", str(tmp_path / "cache"))
+    first = hub.resolve_package(tiny_folder)
+    assert Manifest.read(first).export_version == EXPORT_VERSION
+    stamp = (first / "model.onnx.data").stat().st_mtime_ns
+    assert hub.resolve_package(tiny_folder) == first
+    assert (first / "model.onnx.data").stat().st_mtime_ns == stamp  # reused
+
+    manifest = json.loads((first / "edgeslm.json").read_text())
+    manifest["export_version"] = EXPORT_VERSION - 1
+    (first / "edgeslm.json").write_text(json.dumps(manifest))
+    again = hub.resolve_package(tiny_folder)
+    assert again == first
+    assert Manifest.read(again).export_version == EXPORT_VERSION
+    assert (again / "model.onnx.data").stat().st_mtime_ns != stamp  # exported again

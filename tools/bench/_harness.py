@@ -290,7 +290,7 @@ def prompt_ids(
 
 
 def package_quantization(package: Path) -> str:
-    """The quantization an edgeslm package declares, e.g. "int8-block16"."""
+    """The quantization an edgeslm package declares, e.g. "int8-block32"."""
     manifest = json.loads((package / "edgeslm.json").read_text(encoding="utf-8"))
     return str(manifest.get("quantization", "?"))
 
