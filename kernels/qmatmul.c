@@ -459,7 +459,7 @@ ESL_TARGET_QMM_VNNI ESL_ALWAYS_INLINE void tile_vnni(const esl_qmm_act *a, int64
             for (h = 0; h < 4; h++) {                                                      \
                 n = g * GROUP + 4 * h;                                                     \
                 if (n < w->n)                                                              \
-                    esl__store4(y + (m0 + i) * w->n + n, acc[i][h], w->n - n);                  \
+                    esl__store4(y + (m0 + i) * w->n + n, acc[i][h], w->n - n);             \
             }                                                                              \
     }
 
@@ -469,34 +469,14 @@ DEFINE_TILE_NEON(tile_dotprod, 1, ESL_TARGET_QMM_DOTPROD)
 
 /* ---- drivers ---------------------------------------------------------------------------- */
 
-/*
- * Walks groups [g0, g1), one at a time and in memory order, so that a single row
- * (decode) streams the weights once, sequentially: measured, that beats reading
- * several groups side by side. Several rows take MR per tile over the same group,
- * whose weights then stay in L1. Every tile call has constant sizes, so each copy
- * keeps its accumulators in registers.
- */
-#define DEFINE_DRIVER(NAME, TILE, TARGET, MR)                                              \
-    TARGET static void NAME(const esl_qmm_act *a, const esl_qmm_weights *w, int64_t g0,    \
-                            int64_t g1, float *y)                                          \
-    {                                                                                      \
-        int64_t g, m;                                                                      \
-        for (g = g0; g < g1; g++) {                                                        \
-            for (m = 0; m + MR <= a->m; m += MR)                                           \
-                TILE(a, m, MR, w, g, y);                                                   \
-            for (; m < a->m; m++)                                                          \
-                TILE(a, m, 1, w, g, y);                                                    \
-        }                                                                                  \
-    }
-
-DEFINE_DRIVER(rows_c, tile_c, , 4)
+ESL_DEFINE_QMM_DRIVER(rows_c, tile_c, , 4, esl_qmm_weights)
 #if ESL_HAVE_AVX2_CODE
-DEFINE_DRIVER(rows_avx2, tile_avx2, ESL_TARGET_QMM_AVX2, 4)
-DEFINE_DRIVER(rows_vnni, tile_vnni, ESL_TARGET_QMM_VNNI, 8)
+ESL_DEFINE_QMM_DRIVER(rows_avx2, tile_avx2, ESL_TARGET_QMM_AVX2, 4, esl_qmm_weights)
+ESL_DEFINE_QMM_DRIVER(rows_vnni, tile_vnni, ESL_TARGET_QMM_VNNI, 8, esl_qmm_weights)
 #endif
 #if ESL_HAVE_NEON
-DEFINE_DRIVER(rows_neon, tile_neon, , 2)
-DEFINE_DRIVER(rows_dotprod, tile_dotprod, ESL_TARGET_QMM_DOTPROD, 2)
+ESL_DEFINE_QMM_DRIVER(rows_neon, tile_neon, , 2, esl_qmm_weights)
+ESL_DEFINE_QMM_DRIVER(rows_dotprod, tile_dotprod, ESL_TARGET_QMM_DOTPROD, 2, esl_qmm_weights)
 #endif
 
 /* Contract: see qmatmul.h. */

@@ -293,28 +293,14 @@ DEFINE_TILE4_NEON(tile4_dotprod, 1, ESL_TARGET_QMM_DOTPROD)
 
 /* ---- drivers ---------------------------------------------------------------------------- */
 
-/* Groups [g0, g1) one at a time, MR rows per tile, as the int8 drivers (qmatmul.c). */
-#define DEFINE_DRIVER4(NAME, TILE, TARGET, MR)                                             \
-    TARGET static void NAME(const esl_qmm_act *a, const esl_qmm4_weights *w, int64_t g0,   \
-                            int64_t g1, float *y)                                          \
-    {                                                                                      \
-        int64_t g, m;                                                                      \
-        for (g = g0; g < g1; g++) {                                                        \
-            for (m = 0; m + MR <= a->m; m += MR)                                           \
-                TILE(a, m, MR, w, g, y);                                                   \
-            for (; m < a->m; m++)                                                          \
-                TILE(a, m, 1, w, g, y);                                                    \
-        }                                                                                  \
-    }
-
-DEFINE_DRIVER4(rows4_c, tile4_c, , 4)
+ESL_DEFINE_QMM_DRIVER(rows4_c, tile4_c, , 4, esl_qmm4_weights)
 #if ESL_HAVE_AVX2_CODE
-DEFINE_DRIVER4(rows4_avx2, tile4_avx2, ESL_TARGET_QMM_AVX2, 4)
-DEFINE_DRIVER4(rows4_vnni, tile4_vnni, ESL_TARGET_QMM_VNNI, 8)
+ESL_DEFINE_QMM_DRIVER(rows4_avx2, tile4_avx2, ESL_TARGET_QMM_AVX2, 4, esl_qmm4_weights)
+ESL_DEFINE_QMM_DRIVER(rows4_vnni, tile4_vnni, ESL_TARGET_QMM_VNNI, 8, esl_qmm4_weights)
 #endif
 #if ESL_HAVE_NEON
-DEFINE_DRIVER4(rows4_neon, tile4_neon, , 2)
-DEFINE_DRIVER4(rows4_dotprod, tile4_dotprod, ESL_TARGET_QMM_DOTPROD, 2)
+ESL_DEFINE_QMM_DRIVER(rows4_neon, tile4_neon, , 2, esl_qmm4_weights)
+ESL_DEFINE_QMM_DRIVER(rows4_dotprod, tile4_dotprod, ESL_TARGET_QMM_DOTPROD, 2, esl_qmm4_weights)
 #endif
 
 /* Contract: see qmatmul.h. */

@@ -7,10 +7,26 @@ from pathlib import Path
 
 import pytest
 
+from edgeslm import _kernel
+
 # Fixtures of the bridge tests (a mosquitto per test, the example registry).
 pytest_plugins = ("bridge.fixtures",)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def lib():
+    """The loaded C kernel (`pip install -e .` builds it); a missing library fails."""
+    return _kernel.require()
+
+
+@pytest.fixture
+def levels(lib):
+    """Every matmul SIMD level this CPU supports; restores the best one after."""
+    best = lib.esl_qmm_set_level(99)
+    yield list(range(best + 1))
+    lib.esl_qmm_set_level(best)
 
 
 def shared_data_dir() -> Path:

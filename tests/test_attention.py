@@ -20,18 +20,6 @@ from edgeslm import _kernel
 HEAD_DIM = 16
 
 
-@pytest.fixture(scope="module")
-def lib():
-    return _kernel.require()
-
-
-@pytest.fixture
-def levels(lib):
-    best = lib.esl_qmm_set_level(99)
-    yield list(range(best + 1))
-    lib.esl_qmm_set_level(best)
-
-
 def _graph(domain: str, heads: int, kv_heads: int, max_seq: int, rotary: bool):
     op = "CachedAttention" if domain == "ai.edgeslm" else "GroupQueryAttention"
     width = (heads + 2 * kv_heads) * HEAD_DIM

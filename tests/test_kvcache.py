@@ -12,16 +12,14 @@ import zlib
 import numpy as np
 import pytest
 
-from edgeslm import _kernel
 from edgeslm.errors import ModelFormatError
 from edgeslm.kvcache import KVCache
 
 BACKENDS = ["c", "numpy"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def lib():
-    return _kernel.require()
+# Every test here needs the C kernel (conftest's `lib`: a missing library fails).
+pytestmark = pytest.mark.usefixtures("lib")
 
 
 def rope(x: np.ndarray, positions: np.ndarray, theta: float, rotary_dim: int):

@@ -43,19 +43,6 @@ from edgeslm.export.quantize import (
 from edgeslm.manifest import Manifest
 
 
-@pytest.fixture(scope="module")
-def lib():
-    return _kernel.require()
-
-
-@pytest.fixture
-def levels(lib):
-    """Every matmul SIMD level this CPU supports; restores the best one after."""
-    best = lib.esl_qmm_set_level(99)
-    yield list(range(best + 1))
-    lib.esl_qmm_set_level(best)
-
-
 def _weights(rng, n: int, k: int, block: int):
     w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.2, 2, (n, 1))
     return pack_q8(quantize_int8_blocks(w.astype(np.float32), block))

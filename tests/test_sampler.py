@@ -34,12 +34,6 @@ from edgeslm.sampling import (
 BACKENDS = ["c", "numpy"]
 
 
-@pytest.fixture(scope="module")
-def lib():
-    """The loaded kernel; a missing library is a failure."""
-    return _kernel.require()
-
-
 @pytest.fixture(params=[0, 1], ids=["simd-off", "simd-on"])
 def simd(request, lib):
     """Runs a test at the portable-C level and at the best SIMD level."""
