@@ -129,6 +129,7 @@ def score(probes: list[Probe], threshold: float, chat_floor: float | None) -> di
         "threshold": threshold,
         "chat_floor": chat_floor,
         "in_domain_acc": round(100 * right / max(1, n_in), 1),
+        "in_domain_right": right,
         "in_domain_wrong": wrong,
         "ood_state_changing": acted,
         "ood_n": n_out,
@@ -167,17 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     safe = [s for s in sweep if worst_rate(s) <= MAX_FALSE_ACTIVATION]
     if not safe:  # nothing meets the target: the fewest false activations compete
         safe = [s for s in sweep if worst_rate(s) == min(map(worst_rate, sweep))]
-    best = max(safe, key=lambda s: (s["in_domain_acc"], -s["threshold"]))
+    best = max(safe, key=lambda s: (s["in_domain_right"], -s["threshold"]))
     threshold = best["threshold"]
     chat_sweep = []
     if not args.no_chat:
         floors = [f for f in GRID if CHAT_FLOOR <= f < threshold]
         chat_sweep = [score(probes, threshold, f) for f in floors]
-        n_in = sum(p.want is not None for p in probes)
 
-        def gained(s: dict) -> tuple[float, int]:
-            right = (s["in_domain_acc"] - best["in_domain_acc"]) * n_in / 100
-            return right, s["in_domain_wrong"] - best["in_domain_wrong"]
+        def gained(s: dict) -> tuple[int, int]:
+            """Right and wrong in-domain answers the chat band adds (counts)."""
+            return (
+                s["in_domain_right"] - best["in_domain_right"],
+                s["in_domain_wrong"] - best["in_domain_wrong"],
+            )
 
         def adds_activations(s: dict) -> bool:
             acted, alone = s["ood_state_changing"], best["ood_state_changing"]
