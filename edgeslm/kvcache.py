@@ -1,7 +1,8 @@
 """The key/value cache: one preallocated float32 buffer the attention ops write into.
 
 Owns: the buffer layout `(n_layers, 2, n_kv_heads, max_seq_len, head_dim)` (index 0 =
-keys, stored after rotary embedding; 1 = values), the valid `length`, context shifting
+keys, stored after rotary embedding; 1 = values) in memory that becomes resident only
+where positions are written, the valid `length`, context shifting
 (drop a span of positions, move the rest down and re-rotate the moved keys) and the
 versioned save/load file format. Shift, save and load run in the C kernel when it is
 available; the numpy code beside them is the reference they are tested against.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import os
 import struct
 import zlib
@@ -39,6 +41,7 @@ _HEADER = struct.Struct("<8sIIiiiiiidqI")  # 60 bytes, then the header CRC-32
 _HEADER_BYTES = 64
 _DTYPE_F32 = 1
 _DIM_MAX = 1 << 24
+_MAP_BYTES = 1 << 20  # smaller caches stay ordinary numpy arrays
 # TODO: byte-swap the payload on big-endian hosts; no supported board is big-endian.
 
 _FORMAT_PROBLEMS = {
@@ -58,6 +61,27 @@ class _FormatProblem(Exception):
         super().__init__(status, detail)
         self.status = status
         self.detail = detail
+
+
+def _zeroed(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed float32 array whose memory becomes resident only where it is written.
+
+    numpy asks for transparent huge pages on large arrays, and a cache is written one
+    position at a time across every (layer, kind, head) strip: with 2 MiB pages the
+    first token made a 4096-position SmolLM2 cache (188 MB) wholly resident. A private
+    anonymous mapping with huge pages declined costs 4 KiB pages only where positions
+    are used. Elsewhere (no `MAP_PRIVATE`, e.g. Windows) it is `np.zeros`.
+    """
+    nbytes = math.prod(shape) * 4
+    if nbytes < _MAP_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
+        return np.zeros(shape, dtype=np.float32)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # anonymous, zeroed
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        try:
+            buffer.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages refuses the advice
+            pass
+    return np.frombuffer(buffer, dtype=np.float32).reshape(shape)
 
 
 def _positive_int(name: str, value: object, upper: int = _DIM_MAX) -> int:
@@ -133,7 +157,7 @@ class KVCache:
             self.rotary_dim = int(rd)
         self.backend: str = _kernel.resolve_backend(backend)
         shape = (self.n_layers, 2, self.n_kv_heads, self.max_seq_len, self.head_dim)
-        self.data: np.ndarray = np.zeros(shape, dtype=np.float32)
+        self.data: np.ndarray = _zeroed(shape)
         self.length = 0
         half = self.rotary_dim // 2
         # Reused by every shift: inverse frequencies and the (cos, sin) table.

@@ -7,6 +7,7 @@ built (`pip install -e .`), a missing library fails these tests.
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -66,6 +67,41 @@ def test_layout_and_views(backend):
     v[0, 0, 0, 0] = 7.0
     assert cache.data[1, 0, 1, 3, 2] == 5.0 and cache.data[1, 1, 0, 0, 0] == 7.0
     assert cache.rotary_dim == 8
+
+
+def _resident_kib(array: np.ndarray) -> int:
+    """Rss of the mappings that hold `array` (Linux smaps; madvise can split one
+    allocation into several mappings)."""
+    first, last = array.ctypes.data, array.ctypes.data + array.nbytes
+    total, inside, seen = 0, False, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start < last and first < end
+                seen = seen or inside
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    assert seen, "no mapping holds the cache"
+    return total
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads Linux's /proc/self/smaps"
+)
+def test_only_written_positions_take_memory():
+    # SmolLM2's cache shape at 4096 positions: 188 MB if every page were resident.
+    cache = KVCache(30, 3, 4096, 64, rope_theta=1e5)
+    assert not cache.data.any()
+    cache.data[..., :16, :] = 1.0  # 16 positions of every strip: 4 KiB each
+    strips = 30 * 2 * 3
+    resident = _resident_kib(cache.data)
+    assert resident <= strips * 8 + 64, (
+        f"{resident} KiB resident for 16 of 4096 positions ({strips} strips)"
+    )
+    assert float(cache.data[7, 1, 2, 15].sum()) == 64.0
+    assert not cache.data[7, 1, 2, 16:].any()
 
 
 def test_bookkeeping_and_errors():
