@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 ENV_BACKEND = "EDGESLM_KERNEL"
 ENV_LIBRARY = "EDGESLM_KERNEL_LIB"
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIBRARY_NAME = "_edgeslm_kernel.so"
 BACKENDS = ("auto", "c", "numpy")
 
@@ -108,6 +108,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     # x, m, k, packed nibbles, scales, minimums, n, y
     "esl_qmm4_matmul": (_I32, [_P, _I64, _I64, _P, _P, _P, _I64, _P]),
     "esl_qmm_half": (ctypes.c_float, [ctypes.c_uint16]),
+    # gate, up, y, count, simd
+    "esl_swiglu": (None, [_P, _P, _P, _I64, _I32]),
 }
 
 _lock = threading.Lock()

@@ -34,8 +34,9 @@ FORMAT_VERSION = 1
 # What the exporter of this edgeslm writes; a package cached by an older exporter
 # is exported again (edgeslm.hub) so it gets the current graph. 2: int8 linear
 # layers as edgeslm's MatMulQ8 operator, with a portable graph beside it; 3: int4
-# layers as MatMulQ4 and attention as edgeslm's CachedAttention.
-EXPORT_VERSION = 3
+# layers as MatMulQ4 and attention as edgeslm's CachedAttention; 4: SwiGLU fused
+# into the gate + up projection (the operators' activation=1).
+EXPORT_VERSION = 4
 
 
 @dataclass(frozen=True)

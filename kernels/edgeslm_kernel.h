@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or struct layout below changes; _kernel.py checks it. */
-#define ESL_ABI_VERSION 2
+#define ESL_ABI_VERSION 3
 
 /* Status codes. Keep in sync with _STATUS in edgeslm/_kernel.py. */
 typedef enum esl_status {
@@ -223,6 +223,15 @@ ESL_API int32_t esl_qmm4_matmul(const float *x, int64_t m, int64_t k, const uint
 
 /* Returns the float value of the IEEE half `h`, as the portable path converts it. */
 ESL_API float esl_qmm_half(uint16_t h);
+
+/*
+ * y[c] = silu(gate[c]) * up[c] = gate[c] / (1 + e^-gate[c]) * up[c] for c < count: the
+ * epilogue of MatMulQ8/MatMulQ4 with activation 1 (ort_op.c), for tests. `simd` 0 runs
+ * the scalar form, anything else the SSE2 or NEON one where there is one; both give the
+ * same bits. Pointers are borrowed; y may not overlap the inputs.
+ */
+ESL_API void esl_swiglu(const float *gate, const float *up, float *y, int64_t count,
+                        int32_t simd);
 
 #ifdef __cplusplus
 }

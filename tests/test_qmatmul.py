@@ -270,6 +270,91 @@ def test_4bit_operator_in_onnxruntime(lib, threads):
     assert portable_model(b.model("q4")) is None  # 4-bit packages need the kernel
 
 
+def _silu_times(product: np.ndarray) -> np.ndarray:
+    gate, up = np.split(product.astype(np.float64), 2, axis=-1)
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def test_swiglu_epilogue_is_accurate_and_the_same_on_every_path(lib):
+    rng = np.random.default_rng(11)
+    gate = np.concatenate(
+        [
+            rng.standard_normal(5000) * 6,
+            np.linspace(-120, 120, 2001),  # beyond the clamp at -87 / 88
+            [0.0, -0.0, 1e-30, -1e-30, 87.0, -87.0, 88.5, -88.5, np.inf, -np.inf],
+        ]
+    ).astype(np.float32)
+    up = rng.uniform(-3, 3, gate.size).astype(np.float32)
+
+    def run(simd: int, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        y = np.full(g.size, np.nan, np.float32)
+        lib.esl_swiglu(g.ctypes.data, u.ctypes.data, y.ctypes.data, g.size, simd)
+        return y
+
+    scalar, simd = run(0, gate, up), run(1, gate, up)
+    np.testing.assert_array_equal(simd, scalar)  # the same bits on every CPU
+    g64 = gate.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = g64 / (1.0 + np.exp(-g64)) * up
+    finite = np.isfinite(gate)
+    np.testing.assert_allclose(simd[finite], want[finite], rtol=1e-6, atol=1e-30)
+    assert not np.isfinite(simd[~finite]).any()  # an infinite gate: no finite value
+    for odd in (np.nan, np.inf):  # a NaN gate gives NaN; tails of any length
+        g = np.array([1.0, odd, -2.0, 3.0, 0.5], np.float32)
+        u = np.ones(5, np.float32)
+        assert np.isnan(run(1, g, u * np.nan)).all()
+        assert np.isnan(run(1, g, u)[1]) == np.isnan(odd)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, 7, 300])  # a decode row, a few, beyond the stack
+def test_swiglu_operator_is_silu_of_gate_times_up(lib, threads, dtype, m):
+    rng = np.random.default_rng(m)
+    k, f = 96, 48  # F a multiple of 16; 2F = 96 rows, 6 groups
+    w = rng.standard_normal((2 * f, k)).astype(np.float32)
+    x = _activations(rng, m, k).reshape(1, m, k)
+    fused = GraphBuilder(dtype)
+    fused.input("x", TensorProto.FLOAT, [1, m, k])
+    fused.node("Identity", [fused.swiglu("x", w, "ffn")], outputs=["y"])
+    fused.output("y", TensorProto.FLOAT, [1, m, f])
+    ops = [n for n in fused.model("fused").graph.node if n.domain == "ai.edgeslm"]
+    assert len(ops) == 1 and len(fused.model("fused").graph.node) == 2
+    plain = GraphBuilder(dtype)
+    plain.input("x", TensorProto.FLOAT, [1, m, k])
+    plain.node("Identity", [plain.linear("x", w, "ffn")], outputs=["p"])
+    plain.output("p", TensorProto.FLOAT, [1, m, 2 * f])
+
+    (y,) = _session(fused.model("fused"), threads).run(None, {"x": x})
+    (product,) = _session(plain.model("plain"), threads).run(None, {"x": x})
+    assert y.shape == (1, m, f)
+    want = _silu_times(product)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    if dtype == "int8":  # and the portable graph's ops compute the same
+        (theirs,) = _session(portable_model(fused.model("fused")), ops=False).run(
+            None, {"x": x}
+        )
+        rel = np.linalg.norm(theirs - y) / np.linalg.norm(y)
+        assert rel < 1e-2, rel
+
+
+def test_swiglu_unfused_when_the_halves_are_not_whole_groups(lib):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 64)).astype(np.float32)  # F = 20
+    for dtype in ("int8", "fp32"):
+        b = GraphBuilder(dtype)
+        b.input("x", TensorProto.FLOAT, [1, 2, 64])
+        b.node("Identity", [b.swiglu("x", w, "ffn")], outputs=["y"])
+        b.output("y", TensorProto.FLOAT, [1, 2, 20])
+        model = b.model("ffn")
+        assert "Split" in {n.op_type for n in model.graph.node}
+        x = _activations(rng, 2, 64).reshape(1, 2, 64)
+        (y,) = _session(model, ops=dtype == "int8").run(None, {"x": x})
+        want = _silu_times(x.astype(np.float64) @ w.T.astype(np.float64))
+        tol = (1e-5 if dtype == "fp32" else 5e-2) * float(np.abs(want).max())
+        np.testing.assert_allclose(y, want, rtol=0, atol=tol)
+
+
 def test_operator_errors_name_the_problem(lib):
     rng = np.random.default_rng(6)
     p = _weights(rng, 32, 64, 32)
@@ -292,6 +377,16 @@ def test_operator_errors_name_the_problem(lib):
             attr.i = 48
     with pytest.raises(Exception, match="block_size=48"):
         _session(bad)
+    # activation is 0 or 1, and SwiGLU needs N (gate and up rows) a multiple of 32.
+    for value, n, message in ((2, 32, "activation=2: it must be 0"), (1, 16, "N=16")):
+        bad = _graph(p, [1, 1])
+        node = bad.graph.node[0]
+        for attr in node.attribute:
+            if attr.name == "N":
+                attr.i = n
+        node.attribute.append(helper.make_attribute("activation", value))
+        with pytest.raises(Exception, match=message):
+            _session(bad)
 
 
 def test_portable_graph_runs_without_the_operator():

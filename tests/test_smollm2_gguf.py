@@ -203,11 +203,17 @@ def test_fp32_greedy_matches_transformers(packages, oracle):
 # Teacher-forced positions of the public chat text (tools/fidelity.py's corpus).
 CORPUS_POSITIONS = 1200
 # Lowest next-token agreement with fp32 accepted, per text and variant (see above).
+# The figures move by tenths of a percent with changes far below the quantization
+# error: four SwiGLU epilogues within 2 ulp of the exact value each (onnxruntime's
+# ops, float64, two orders of edgeslm's polynomial) gave int4 95.96-97.28% on the
+# written text and 98.26-98.58% on the corpus, int8 97.81-98.07% and 98.66-99.21%,
+# because the int8 rounding of activations turns a 1-ulp change into a whole step
+# now and then. The bounds sit below that spread; the corpus int8 one is issue 2's.
 MIN_AGREEMENT = {
     ("corpus", "int8"): 0.98,
     ("written", "int8"): 0.97,
     ("corpus", "int4"): 0.97,
-    ("written", "int4"): 0.97,
+    ("written", "int4"): 0.955,
 }
 
 

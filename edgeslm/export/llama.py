@@ -177,16 +177,13 @@ def _block(b: GraphBuilder, ckpt: Checkpoint, layer: int, x: str, residual: str 
     attn = b.attention(qkv, layer, cfg.n_heads, cfg.n_kv_heads, _rope_tables(b, cfg))
     o = b.linear(attn, _weights(b, ckpt, f"{p}.wo"), f"{p}.wo")
 
-    # Feed-forward: packed gate+up projection, SiLU(gate) * up, down projection.
+    # Feed-forward: packed gate+up projection with SiLU(gate) * up, down projection.
     h, residual = _skip_rms_norm(
         b, o, residual, ckpt.load(f"{p}.ffn_norm"), f"{p}.ffn_norm", cfg.norm_eps
     )
     wgu = _weights(b, ckpt, f"{p}.w_gate", f"{p}.w_up")
-    gate_up = b.linear(h, wgu, f"{p}.gate_up")
-    gate, up = b.node("Split", [gate_up], 2, name=f"{p}.split", axis=-1, num_outputs=2)
-    silu = b.op("Mul", gate, b.op("Sigmoid", gate))
-    w_down = _weights(b, ckpt, f"{p}.w_down")
-    down = b.linear(b.op("Mul", silu, up), w_down, f"{p}.w_down")
+    act = b.swiglu(h, wgu, f"{p}.gate_up")
+    down = b.linear(act, _weights(b, ckpt, f"{p}.w_down"), f"{p}.w_down")
     return down, residual
 
 

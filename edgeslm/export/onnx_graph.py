@@ -45,6 +45,8 @@ ACCURACY_LEVEL = 4
 DEFAULT_BLOCK_SIZE = 32
 INT8_BLOCK_SIZES = (32, 64, 128, 256)
 DTYPES = ("int8", "int4", "fp32")
+# MatMulQ8/MatMulQ4 "activation" attribute values (kernels/ort_op.c).
+NO_ACTIVATION, SWIGLU = 0, 1
 
 
 class GraphBuilder:
@@ -127,22 +129,48 @@ class GraphBuilder:
 
     # --- layers --------------------------------------------------------------------
 
-    def linear(self, x: str, weight: np.ndarray | Int4Blocks, name: str) -> str:
+    def linear(
+        self,
+        x: str,
+        weight: np.ndarray | Int4Blocks,
+        name: str,
+        activation: int = NO_ACTIVATION,
+    ) -> str:
         """`x @ weight.T` for a `(N, K)` weight, with the kernel of the dtype.
 
         `weight` is float, or for int4 already in 4-bit blocks (a source's own).
+        `activation` (quantized dtypes only): the operator's epilogue, see `swiglu`.
         """
+        if activation != NO_ACTIVATION and self.dtype == "fp32":
+            raise ValueError("an fp32 linear layer has no fused activation")
         if isinstance(weight, Int4Blocks):
             if self.dtype != "int4":
                 weight = weight.dequantize()
             else:
-                return self.linear_int4(x, weight, name)
+                return self.linear_int4(x, weight, name, activation)
         if self.dtype == "fp32":
             w = self.const(f"{name}.weight", weight.T.astype(np.float32))
             return self.op("MatMul", x, w, name=name)
         if self.dtype == "int4":
-            return self.linear_int4(x, quantize_int4_blocks(weight), name)
-        return self.linear_q(x, quantize_int8_blocks(weight, self.block_size), name)
+            return self.linear_int4(x, quantize_int4_blocks(weight), name, activation)
+        q = quantize_int8_blocks(weight, self.block_size)
+        return self.linear_q(x, q, name, activation=activation)
+
+    def swiglu(self, x: str, gate_up: np.ndarray | Int4Blocks, name: str) -> str:
+        """`silu(x @ gate.T) * (x @ up.T)` for a packed `(2 * F, K)` gate + up weight.
+
+        Quantized, one `MatMulQ8`/`MatMulQ4` with `activation=1` does all of it
+        (kernels/ort_op.c) when F is a multiple of 16; otherwise, and for fp32, the
+        product is split and combined by separate ops.
+        """
+        rows = gate_up.q.shape[0] if isinstance(gate_up, Int4Blocks) else len(gate_up)
+        if self.dtype == "fp32" or rows % (2 * Q8_GROUP):
+            both = self.linear(x, gate_up, name)
+            gate, up = self.node(
+                "Split", [both], 2, name=f"{name}.split", axis=-1, num_outputs=2
+            )
+            return self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up)
+        return self.linear(x, gate_up, name, activation=SWIGLU)
 
     def attention(
         self,
@@ -179,7 +207,9 @@ class GraphBuilder:
             do_rotary=int(rope is not None),
         )[0]
 
-    def linear_int4(self, x: str, w: Int4Blocks, name: str) -> str:
+    def linear_int4(
+        self, x: str, w: Int4Blocks, name: str, activation: int = NO_ACTIVATION
+    ) -> str:
         """`x @ (scale * q + min).T` with edgeslm's `MatMulQ4` over the blocks as
         they are (a GGUF's Q4_1 or Q4_0 blocks carry over exactly; kernels/qmatmul4.c).
         """
@@ -195,6 +225,7 @@ class GraphBuilder:
             name=name,
             K=p.k,
             N=p.n,
+            **({"activation": activation} if activation else {}),
         )
 
     def linear_q(
@@ -204,6 +235,7 @@ class GraphBuilder:
         name: str,
         prefix: str = "",
         output: str | None = None,
+        activation: int = NO_ACTIVATION,
     ) -> str:
         """`MatMulQ8` over int8 blocks (`prefix`: reuse weights stored under it)."""
         packed = q if isinstance(q, PackedQ8) else pack_q8(q)
@@ -218,6 +250,7 @@ class GraphBuilder:
             K=packed.k,
             N=packed.n,
             block_size=packed.block_size,
+            **({"activation": activation} if activation else {}),
         )[0]
 
     def q8_consts(
@@ -327,7 +360,8 @@ def _i64(values) -> np.ndarray:
 
 def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """A copy of `model` with onnxruntime's own operators for edgeslm's: `MatMulNBits`
-    for every `MatMulQ8`, `GroupQueryAttention` for every `CachedAttention`; None when
+    for every `MatMulQ8` (followed by Split, Sigmoid and Mul for a SwiGLU one),
+    `GroupQueryAttention` for every `CachedAttention`; None when
     the model has `MatMulQ4` nodes (4-bit packages need the kernel).
 
     The packed weights are not copied: small ops undo the interleaving (reshape,
@@ -365,6 +399,9 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
             continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
         x, data, scales = node.input
+        # With SwiGLU, MatMulNBits writes the whole product and ops combine it.
+        swiglu = attrs.get("activation", NO_ACTIVATION) == SWIGLU
+        output = f"{node.name}/gate_up" if swiglu else node.output[0]
         if (data, scales) not in unpacked:
             unpacked[(data, scales)] = _unpack_q8(
                 nodes, consts, data, scales, k, n, block
@@ -372,7 +409,7 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
         weight, weight_scales = unpacked[(data, scales)]
         # MatMulNBits computes the zero padding rows too; their columns are cut off.
         n_padded = -(-n // Q8_GROUP) * Q8_GROUP
-        product = node.output[0] if n_padded == n else f"{node.name}/padded"
+        product = output if n_padded == n else f"{node.name}/padded"
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
@@ -393,9 +430,11 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
                 consts.append(numpy_helper.from_array(_i64(value), name))
             nodes.append(
                 helper.make_node(
-                    "Slice", [product, *cut], [node.output[0]], name=f"{node.name}/cut"
+                    "Slice", [product, *cut], [output], name=f"{node.name}/cut"
                 )
             )
+        if swiglu:
+            nodes.extend(_swiglu_nodes(output, node.output[0], node.name))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(consts)
@@ -403,6 +442,19 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
     del out.opset_import[:]
     out.opset_import.extend(kept)
     return out
+
+
+def _swiglu_nodes(both: str, result: str, stem: str) -> list[onnx.NodeProto]:
+    """`result = silu(gate) * up` for `both` = gate and up side by side."""
+    gate, up, sig, silu = (f"{stem}/{part}" for part in ("gate", "up", "sig", "silu"))
+    return [
+        helper.make_node(
+            "Split", [both], [gate, up], name=f"{stem}/split", axis=-1, num_outputs=2
+        ),
+        helper.make_node("Sigmoid", [gate], [sig], name=sig),
+        helper.make_node("Mul", [gate, sig], [silu], name=silu),
+        helper.make_node("Mul", [silu, up], [result], name=f"{stem}/swiglu"),
+    ]
 
 
 def _unpack_q8(
