@@ -26,7 +26,7 @@
 /* ---- small vector routines, one per ISA (x[n], n a multiple of 4) ----------------- */
 
 #if ESL_HAVE_AVX2_CODE
-ESL_TARGET_QMM_AVX2 static float dot_avx2(const float *a, const float *b, int64_t n)
+ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE float dot_avx2(const float *a, const float *b, int64_t n)
 {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -49,7 +49,7 @@ ESL_TARGET_QMM_AVX2 static float dot_avx2(const float *a, const float *b, int64_
     }
 }
 
-ESL_TARGET_QMM_AVX2 static void axpy_avx2(float *y, float a, const float *x, int64_t n)
+ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE void axpy_avx2(float *y, float a, const float *x, int64_t n)
 {
     const __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
@@ -86,6 +86,34 @@ ESL_TARGET_QMM_AVX2 static __m256 exp_avx2(__m256 x)
     return _mm256_mul_ps(p, _mm256_castsi256_ps(k));
 }
 
+/*
+ * o = sum over t of (p[t] * inv) v[t] for head_dim a multiple of 64, the output held in
+ * 8 registers per 64 dims instead of memory: the same fused multiply-adds in the same
+ * order as axpy_avx2 key after key, so the same bits.
+ */
+ESL_TARGET_QMM_AVX2 static void weighted_64_avx2(float *o, const float *p, float inv,
+                                                 const float *v, int64_t n, int64_t dim)
+{
+    int64_t c, t;
+    int j;
+    for (c = 0; c < dim; c += 64) {
+        __m256 acc[8];
+        ESL_UNROLL
+        for (j = 0; j < 8; j++)
+            acc[j] = _mm256_setzero_ps();
+        for (t = 0; t < n; t++) {
+            const __m256 w = _mm256_set1_ps(p[t] * inv);
+            const float *vt = v + t * dim + c;
+            ESL_UNROLL
+            for (j = 0; j < 8; j++)
+                acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+        }
+        ESL_UNROLL
+        for (j = 0; j < 8; j++)
+            _mm256_storeu_ps(o + c + 8 * j, acc[j]);
+    }
+}
+
 /* scores[t] = exp(scores[t] - max); returns their sum. */
 ESL_TARGET_QMM_AVX2 static float softmax_exp_avx2(float *scores, int64_t n, float max)
 {
@@ -115,7 +143,7 @@ ESL_TARGET_QMM_AVX2 static float softmax_exp_avx2(float *scores, int64_t n, floa
 #endif
 
 #if ESL_HAVE_NEON
-static float dot_neon(const float *a, const float *b, int64_t n)
+ESL_ALWAYS_INLINE float dot_neon(const float *a, const float *b, int64_t n)
 {
     float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
     float total;
@@ -130,13 +158,37 @@ static float dot_neon(const float *a, const float *b, int64_t n)
     return total;
 }
 
-static void axpy_neon(float *y, float a, const float *x, int64_t n)
+ESL_ALWAYS_INLINE void axpy_neon(float *y, float a, const float *x, int64_t n)
 {
     int64_t i = 0;
     for (; i + 4 <= n; i += 4)
         vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
     for (; i < n; i++)
         y[i] += a * x[i];
+}
+
+/* weighted_64_avx2's NEON twin: 16 quad registers per 64 dims, as axpy_neon's order. */
+static void weighted_64_neon(float *o, const float *p, float inv, const float *v, int64_t n,
+                             int64_t dim)
+{
+    int64_t c, t;
+    int j;
+    for (c = 0; c < dim; c += 64) {
+        float32x4_t acc[16];
+        ESL_UNROLL16
+        for (j = 0; j < 16; j++)
+            acc[j] = vdupq_n_f32(0.0f);
+        for (t = 0; t < n; t++) {
+            const float w = p[t] * inv;
+            const float *vt = v + t * dim + c;
+            ESL_UNROLL16
+            for (j = 0; j < 16; j++)
+                acc[j] = vfmaq_n_f32(acc[j], vld1q_f32(vt + 4 * j), w);
+        }
+        ESL_UNROLL16
+        for (j = 0; j < 16; j++)
+            vst1q_f32(o + c + 4 * j, acc[j]);
+    }
 }
 
 /* exp(x), x <= 0, 4 lanes: the same scheme as exp_avx2. */
@@ -180,7 +232,7 @@ static float softmax_exp_neon(float *scores, int64_t n, float max)
 }
 #endif
 
-static float dot_c(const float *a, const float *b, int64_t n)
+ESL_ALWAYS_INLINE float dot_c(const float *a, const float *b, int64_t n)
 {
     float total = 0.0f;
     int64_t i;
@@ -189,7 +241,7 @@ static float dot_c(const float *a, const float *b, int64_t n)
     return total;
 }
 
-static void axpy_c(float *y, float a, const float *x, int64_t n)
+ESL_ALWAYS_INLINE void axpy_c(float *y, float a, const float *x, int64_t n)
 {
     int64_t i;
     for (i = 0; i < n; i++)
@@ -207,26 +259,75 @@ static float softmax_exp_c(float *scores, int64_t n, float max)
     return sum;
 }
 
+/*
+ * A head's loops over its keys, one copy per ISA, so that every dot product and update
+ * is inlined (an indirect call per key cost more than its 64 multiply-adds):
+ *   scores[t] = dot(q, k[t]) * scale for t < n;
+ *   o = sum over t of (p[t] * inv) v[t], key after key.
+ */
+#define ESL_DEFINE_HEAD_LOOPS(ISA, TARGET, DOT, AXPY)                                      \
+    TARGET static void scores_##ISA(const float *q, const float *k, int64_t n, int64_t dim, \
+                                    float scale, float *scores)                            \
+    {                                                                                      \
+        int64_t t;                                                                         \
+        for (t = 0; t < n; t++)                                                            \
+            scores[t] = DOT(q, k + t * dim, dim) * scale;                                  \
+    }                                                                                      \
+    TARGET static void weighted_##ISA(float *o, const float *p, float inv, const float *v, \
+                                      int64_t n, int64_t dim)                              \
+    {                                                                                      \
+        int64_t t;                                                                         \
+        memset(o, 0, (size_t)dim * sizeof(float));                                         \
+        for (t = 0; t < n; t++)                                                            \
+            AXPY(o, p[t] * inv, v + t * dim, dim);                                         \
+    }
+
+ESL_DEFINE_HEAD_LOOPS(c, , dot_c, axpy_c)
+#if ESL_HAVE_AVX2_CODE
+ESL_DEFINE_HEAD_LOOPS(avx2_any, ESL_TARGET_QMM_AVX2, dot_avx2, axpy_avx2)
+
+ESL_TARGET_QMM_AVX2 static void weighted_avx2(float *o, const float *p, float inv,
+                                              const float *v, int64_t n, int64_t dim)
+{
+    if (dim % 64 == 0)
+        weighted_64_avx2(o, p, inv, v, n, dim);
+    else
+        weighted_avx2_any(o, p, inv, v, n, dim);
+}
+#endif
+#if ESL_HAVE_NEON
+ESL_DEFINE_HEAD_LOOPS(neon_any, , dot_neon, axpy_neon)
+
+static void weighted_neon(float *o, const float *p, float inv, const float *v, int64_t n,
+                          int64_t dim)
+{
+    if (dim % 64 == 0)
+        weighted_64_neon(o, p, inv, v, n, dim);
+    else
+        weighted_neon_any(o, p, inv, v, n, dim);
+}
+#endif
+
 typedef struct vec_ops {
-    float (*dot)(const float *, const float *, int64_t);
-    void (*axpy)(float *, float, const float *, int64_t);
+    void (*scores)(const float *, const float *, int64_t, int64_t, float, float *);
+    void (*weighted)(float *, const float *, float, const float *, int64_t, int64_t);
     float (*softmax_exp)(float *, int64_t, float);
 } vec_ops;
 
 /* The vector routines of the matmul's SIMD level (esl_qmm_level). */
 static vec_ops ops_for_level(int32_t level)
 {
-    vec_ops ops = {dot_c, axpy_c, softmax_exp_c};
+    vec_ops ops = {scores_c, weighted_c, softmax_exp_c};
 #if ESL_HAVE_AVX2_CODE
     if (level >= 1) {
-        ops.dot = dot_avx2;
-        ops.axpy = axpy_avx2;
+        ops.scores = scores_avx2_any;
+        ops.weighted = weighted_avx2;
         ops.softmax_exp = softmax_exp_avx2;
     }
 #elif ESL_HAVE_NEON
     if (level >= 1) {
-        ops.dot = dot_neon;
-        ops.axpy = axpy_neon;
+        ops.scores = scores_neon_any;
+        ops.weighted = weighted_neon;
         ops.softmax_exp = softmax_exp_neon;
     }
 #else
@@ -302,15 +403,12 @@ void esl__attn_head(const esl_attn_desc *d, const float *qkv, const float *cos_t
         memcpy(q, qkv + i * width + h * dim, (size_t)dim * sizeof(float));
         if (cos_t)
             rope(q, cos_t, sin_t, pos, dim / 2);
-        for (t = 0; t < n; t++) {
-            scores[t] = ops.dot(q, k + t * dim, dim) * d->scale;
+        ops.scores(q, k, n, dim, d->scale, scores);
+        for (t = 0; t < n; t++)
             max = scores[t] > max ? scores[t] : max;
-        }
         inv = 1.0f / ops.softmax_exp(scores, n, max);
 
         /* The weighted sum of the values. */
-        memset(o, 0, (size_t)dim * sizeof(float));
-        for (t = 0; t < n; t++)
-            ops.axpy(o, scores[t] * inv, v + t * dim, dim);
+        ops.weighted(o, scores, inv, v, n, dim);
     }
 }

@@ -79,8 +79,10 @@ float esl__half(uint16_t h);
 /* Fully unrolls a loop of constant count, so a tile's accumulators stay in registers. */
 #if defined(__clang__) || defined(__GNUC__)
 #define ESL_UNROLL _Pragma("GCC unroll 8")
+#define ESL_UNROLL16 _Pragma("GCC unroll 16")
 #else
 #define ESL_UNROLL
+#define ESL_UNROLL16
 #endif
 #define ESL_ALWAYS_INLINE static inline __attribute__((always_inline))
 
