@@ -28,6 +28,7 @@ KERNEL_SOURCES = [
     "kernels/attention.c",
     "kernels/ort_op.c",
     "kernels/ort_attention.c",
+    "kernels/swiglu.c",
 ]
 # -ffp-contract=off: no fused multiply-add, so every platform rounds like numpy does.
 KERNEL_CFLAGS = [

@@ -30,6 +30,9 @@
 /* Returns the SIMD level in use (detected on first call); see esl_simd_level. */
 int32_t esl__simd(void);
 
+/* y[c] = silu(gate[c]) * up[c] for c < count, the same bits on every CPU (swiglu.c). */
+void esl__silu_times(const float *gate, const float *up, float *y, int64_t count);
+
 /* Returns the high 64 bits of the 128-bit product a * b (portable, no __int128). */
 uint64_t esl__mulhi64(uint64_t a, uint64_t b);
 

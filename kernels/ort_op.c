@@ -12,7 +12,7 @@
  *     scales, mins   float16 [ceil(N / 16), kp / 32, 16]
  *
  * activation 0 (the default) writes the product P. activation 1 is SwiGLU over a
- * packed gate + up weight: Y = silu(P[:, :N/2]) * P[:, N/2:], silu(g) = g / (1 + e^-g),
+ * packed gate + up weight: Y = silu(P[:, :N/2]) * P[:, N/2:] as swiglu.c computes it,
  * for N a multiple of 32 (both halves whole groups). A work item computes the same
  * groups of both halves, so the gate and up values it combines are its own.
  *
@@ -246,124 +246,6 @@ static void run_groups(const qmm_job *job, int64_t g0, int64_t g1, float *y)
         esl__qmm_groups(job->act, &job->q8, g0, g1, y);
 }
 
-/*
- * SwiGLU: y = g / (1 + e^-g) * u. e^x is 2^n * p(r) after range reduction, p Cephes'
- * degree-6 polynomial for expf (relative error about 2e-7), x clamped to [-87, 88] so
- * 2^n stays a normal float (beyond it silu is 0 or g to float precision anyway). The
- * SSE2, NEON and scalar forms do the same IEEE operations in the same order, so every
- * CPU gets the same bits; a gate that is not finite gives no finite value. libm's expf,
- * one value at a time, made a 128-token prompt of SmolLM2 15% slower than the separate
- * Split, QuickGelu and Mul operators it replaces.
- */
-#define EXP_LO -87.0f
-#define EXP_HI 88.0f
-#define EXP_LOG2E 1.44269504088896341f
-#define EXP_ROUND 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
-#define EXP_LN2_HI 0.693359375f
-#define EXP_LN2_LO -2.12194440e-4f
-#define EXP_P0 1.9875691500e-4f
-#define EXP_P1 1.3981999507e-3f
-#define EXP_P2 8.3334519073e-3f
-#define EXP_P3 4.1665795894e-2f
-#define EXP_P4 1.6666665459e-1f
-#define EXP_P5 5.0000001201e-1f
-
-static float silu_times_scalar(float g, float u)
-{
-    float x = -g, t, n, r, p, two_n;
-    int32_t bits;
-    x = x >= EXP_LO ? x : EXP_LO; /* a NaN becomes EXP_LO here, as in _mm_max_ps */
-    x = x <= EXP_HI ? x : EXP_HI;
-    t = x * EXP_LOG2E + EXP_ROUND;
-    n = t - EXP_ROUND;
-    r = x - n * EXP_LN2_HI;
-    r = r - n * EXP_LN2_LO;
-    p = EXP_P0 * r + EXP_P1;
-    p = p * r + EXP_P2;
-    p = p * r + EXP_P3;
-    p = p * r + EXP_P4;
-    p = p * r + EXP_P5;
-    p = p * r * r + r + 1.0f;
-    bits = ((int32_t)n + 127) * (1 << 23);
-    memcpy(&two_n, &bits, sizeof two_n);
-    return g / (1.0f + p * two_n) * u;
-}
-
-#if defined(__SSE2__)
-static void silu_times(const float *gate, const float *up, float *y, int64_t count)
-{
-    const __m128 lo = _mm_set1_ps(EXP_LO), hi = _mm_set1_ps(EXP_HI);
-    const __m128 round = _mm_set1_ps(EXP_ROUND), one = _mm_set1_ps(1.0f);
-    int64_t c = 0;
-    for (; c + 4 <= count; c += 4) {
-        __m128 g = _mm_loadu_ps(gate + c);
-        __m128 x = _mm_min_ps(_mm_max_ps(_mm_sub_ps(_mm_setzero_ps(), g), lo), hi);
-        __m128 n = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(EXP_LOG2E)), round), round);
-        __m128 r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(EXP_LN2_HI)));
-        __m128 p;
-        __m128i bits;
-        r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(EXP_LN2_LO)));
-        p = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(EXP_P0), r), _mm_set1_ps(EXP_P1));
-        p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(EXP_P2));
-        p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(EXP_P3));
-        p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(EXP_P4));
-        p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(EXP_P5));
-        p = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_mul_ps(p, r), r), r), one);
-        bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127)), 23);
-        p = _mm_add_ps(one, _mm_mul_ps(p, _mm_castsi128_ps(bits)));
-        _mm_storeu_ps(y + c, _mm_mul_ps(_mm_div_ps(g, p), _mm_loadu_ps(up + c)));
-    }
-    for (; c < count; c++)
-        y[c] = silu_times_scalar(gate[c], up[c]);
-}
-#elif ESL_HAVE_NEON
-static void silu_times(const float *gate, const float *up, float *y, int64_t count)
-{
-    const float32x4_t lo = vdupq_n_f32(EXP_LO), hi = vdupq_n_f32(EXP_HI);
-    const float32x4_t round = vdupq_n_f32(EXP_ROUND), one = vdupq_n_f32(1.0f);
-    int64_t c = 0;
-    for (; c + 4 <= count; c += 4) {
-        float32x4_t g = vld1q_f32(gate + c);
-        float32x4_t x = vminq_f32(vmaxq_f32(vnegq_f32(g), lo), hi);
-        float32x4_t n = vsubq_f32(vaddq_f32(vmulq_n_f32(x, EXP_LOG2E), round), round);
-        float32x4_t r = vsubq_f32(x, vmulq_n_f32(n, EXP_LN2_HI));
-        float32x4_t p;
-        int32x4_t bits;
-        r = vsubq_f32(r, vmulq_n_f32(n, EXP_LN2_LO));
-        p = vaddq_f32(vmulq_n_f32(r, EXP_P0), vdupq_n_f32(EXP_P1));
-        p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(EXP_P2));
-        p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(EXP_P3));
-        p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(EXP_P4));
-        p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(EXP_P5));
-        p = vaddq_f32(vaddq_f32(vmulq_f32(vmulq_f32(p, r), r), r), one);
-        bits = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-        p = vaddq_f32(one, vmulq_f32(p, vreinterpretq_f32_s32(bits)));
-        vst1q_f32(y + c, vmulq_f32(vdivq_f32(g, p), vld1q_f32(up + c)));
-    }
-    for (; c < count; c++)
-        y[c] = silu_times_scalar(gate[c], up[c]);
-}
-#else
-static void silu_times(const float *gate, const float *up, float *y, int64_t count)
-{
-    int64_t c;
-    for (c = 0; c < count; c++)
-        y[c] = silu_times_scalar(gate[c], up[c]);
-}
-#endif
-
-/* Contract: see edgeslm_kernel.h. */
-void esl_swiglu(const float *gate, const float *up, float *y, int64_t count, int32_t simd)
-{
-    int64_t c;
-    if (simd) {
-        silu_times(gate, up, y, count);
-        return;
-    }
-    for (c = 0; c < count; c++)
-        y[c] = silu_times_scalar(gate[c], up[c]);
-}
-
 /* Y[i][c] = silu(P[i][c]) * P[i][c + n/2] for columns [c0, c1) of every row. */
 static void swiglu_columns(const qmm_job *job, int64_t c0, int64_t c1)
 {
@@ -371,7 +253,7 @@ static void swiglu_columns(const qmm_job *job, int64_t c0, int64_t c1)
     int64_t i;
     for (i = 0; i < job->m; i++) {
         const float *gate = job->product + i * job->n;
-        silu_times(gate + c0, gate + half + c0, job->y + i * half + c0, c1 - c0);
+        esl__silu_times(gate + c0, gate + half + c0, job->y + i * half + c0, c1 - c0);
     }
 }
 
@@ -589,9 +471,9 @@ static OrtCustomOpDomain *g_domain;
 
 /*
  * Called by onnxruntime for SessionOptions.register_custom_ops_library: adds the
- * ai.edgeslm domain (MatMulQ8, MatMulQ4, CachedAttention) to `options`. The domain lives as long as the process, as every
- * session made with it must outlive it. Not thread-safe against itself (the Python
- * API registers under the GIL).
+ * ai.edgeslm domain (MatMulQ8, MatMulQ4, CachedAttention, SwiGLU) to `options`. The
+ * domain lives as long as the process, as every session made with it must outlive
+ * it. Not thread-safe against itself (the Python API registers under the GIL).
  */
 ESL_API OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
 {
@@ -622,6 +504,9 @@ ESL_API OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBas
         if (!st)
             st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
                 g_domain, &esl__attention_op);
+        if (!st)
+            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
+                g_domain, &esl__swiglu_op);
         if (st) {
             g_domain = NULL; /* leaked on this error path only; the next call retries */
             return st;

@@ -26,7 +26,8 @@ OrtStatus *esl__ort_shape(const char *op, const OrtValue *v, int *type, size_t *
 /* The data pointer of a tensor value (onnxruntime's API takes it as mutable). */
 OrtStatus *esl__ort_data(const OrtValue *v, void **out);
 
-/* The cached attention operator (ort_attention.c). */
+/* The cached attention operator (ort_attention.c) and the SwiGLU one (swiglu.c). */
 extern const OrtCustomOp esl__attention_op;
+extern const OrtCustomOp esl__swiglu_op;
 
 #endif /* ESL_ORT_UTIL_H */

@@ -338,21 +338,47 @@ def test_swiglu_operator_is_silu_of_gate_times_up(lib, threads, dtype, m):
         assert rel < 1e-2, rel
 
 
-def test_swiglu_unfused_when_the_halves_are_not_whole_groups(lib):
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_swiglu_operator_after_a_product_that_cannot_hold_it(lib, dtype):
+    # fp32, and F = 20 (not whole groups of 16): the product, then the SwiGLU node,
+    # which computes the same bits as the fused epilogue (esl_swiglu).
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((40, 64)).astype(np.float32)  # F = 20
-    for dtype in ("int8", "fp32"):
-        b = GraphBuilder(dtype)
-        b.input("x", TensorProto.FLOAT, [1, 2, 64])
-        b.node("Identity", [b.swiglu("x", w, "ffn")], outputs=["y"])
-        b.output("y", TensorProto.FLOAT, [1, 2, 20])
-        model = b.model("ffn")
-        assert "Split" in {n.op_type for n in model.graph.node}
-        x = _activations(rng, 2, 64).reshape(1, 2, 64)
-        (y,) = _session(model, ops=dtype == "int8").run(None, {"x": x})
-        want = _silu_times(x.astype(np.float64) @ w.T.astype(np.float64))
-        tol = (1e-5 if dtype == "fp32" else 5e-2) * float(np.abs(want).max())
-        np.testing.assert_allclose(y, want, rtol=0, atol=tol)
+    w = rng.standard_normal((40, 64)).astype(np.float32)
+    b = GraphBuilder(dtype)
+    b.input("x", TensorProto.FLOAT, [1, 2, 64])
+    b.node("Identity", [b.swiglu("x", w, "ffn")], outputs=["y"])
+    b.output("y", TensorProto.FLOAT, [1, 2, 20])
+    b.output("ffn/product", TensorProto.FLOAT, [1, 2, 40])
+    model = b.model("ffn")
+    swiglu = [n for n in model.graph.node if n.op_type == "SwiGLU"]
+    assert len(swiglu) == 1 and swiglu[0].domain == "ai.edgeslm"
+    model.graph.node.append(
+        helper.make_node("Identity", [swiglu[0].input[0]], ["ffn/product"])
+    )
+    x = _activations(rng, 2, 64).reshape(1, 2, 64)
+    y, product = _session(model).run(None, {"x": x})
+    gate, up = (np.ascontiguousarray(h) for h in np.split(product.reshape(2, 40), 2, 1))
+    want = np.empty_like(gate)
+    lib.esl_swiglu(gate.ctypes.data, up.ctypes.data, want.ctypes.data, gate.size, 1)
+    np.testing.assert_array_equal(y.reshape(2, 20), want)
+    np.testing.assert_allclose(y, _silu_times(product), rtol=1e-5, atol=1e-6)
+    # the portable graph spells it with onnxruntime's ops
+    portable = portable_model(model)
+    assert "SwiGLU" not in {n.op_type for n in portable.graph.node}
+    theirs, _ = _session(portable, ops=False).run(None, {"x": x})
+    np.testing.assert_allclose(
+        theirs, y, rtol=1e-2 if dtype == "int8" else 1e-5, atol=1e-4
+    )
+
+
+def test_swiglu_operator_refuses_an_odd_width(lib):
+    b = GraphBuilder("fp32")
+    b.input("x", TensorProto.FLOAT, [1, 3, 7])
+    b.domains.add("ai.edgeslm")
+    b.node("SwiGLU", ["x"], outputs=["y"], domain="ai.edgeslm")
+    b.output("y", TensorProto.FLOAT, [1, 3, 3])
+    with pytest.raises(Exception, match="SwiGLU: X must be float32 \\[..., 2F\\]"):
+        _session(b.model("odd")).run(None, {"x": np.zeros((1, 3, 7), np.float32)})
 
 
 def test_operator_errors_name_the_problem(lib):

@@ -159,18 +159,17 @@ class GraphBuilder:
     def swiglu(self, x: str, gate_up: np.ndarray | Int4Blocks, name: str) -> str:
         """`silu(x @ gate.T) * (x @ up.T)` for a packed `(2 * F, K)` gate + up weight.
 
-        Quantized, one `MatMulQ8`/`MatMulQ4` with `activation=1` does all of it
-        (kernels/ort_op.c) when F is a multiple of 16; otherwise, and for fp32, the
-        product is split and combined by separate ops.
+        Quantized, with F a multiple of 16, one `MatMulQ8`/`MatMulQ4` with
+        `activation=1` does all of it (kernels/ort_op.c); otherwise the product is
+        followed by edgeslm's `SwiGLU` operator (kernels/swiglu.c), which computes
+        the same function with the same bits.
         """
         rows = gate_up.q.shape[0] if isinstance(gate_up, Int4Blocks) else len(gate_up)
-        if self.dtype == "fp32" or rows % (2 * Q8_GROUP):
-            both = self.linear(x, gate_up, name)
-            gate, up = self.node(
-                "Split", [both], 2, name=f"{name}.split", axis=-1, num_outputs=2
-            )
-            return self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up)
-        return self.linear(x, gate_up, name, activation=SWIGLU)
+        if self.dtype != "fp32" and rows % (2 * Q8_GROUP) == 0:
+            return self.linear(x, gate_up, name, activation=SWIGLU)
+        both = self.linear(x, gate_up, name)
+        self.domains.add(EDGESLM_DOMAIN)
+        return self.op("SwiGLU", both, domain=EDGESLM_DOMAIN, name=f"{name}.swiglu")
 
     def attention(
         self,
@@ -360,8 +359,9 @@ def _i64(values) -> np.ndarray:
 
 def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """A copy of `model` with onnxruntime's own operators for edgeslm's: `MatMulNBits`
-    for every `MatMulQ8` (followed by Split, Sigmoid and Mul for a SwiGLU one),
-    `GroupQueryAttention` for every `CachedAttention`; None when
+    for every `MatMulQ8` (followed by Split, Sigmoid and Mul for a SwiGLU one, which
+    also replace a `SwiGLU` node), `GroupQueryAttention` for every `CachedAttention`;
+    None when
     the model has `MatMulQ4` nodes (4-bit packages need the kernel).
 
     The packed weights are not copied: small ops undo the interleaving (reshape,
@@ -383,6 +383,9 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
             nodes.append(node)
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "SwiGLU":
+            nodes.extend(_swiglu_nodes(node.input[0], node.output[0], node.name))
+            continue
         if node.op_type == "CachedAttention":
             rotary = {"rotary_interleaved": 0} if attrs.get("do_rotary") else {}
             nodes.append(
