@@ -51,15 +51,25 @@ def test_suites_load(shared_data):
     }
 
 
+def _held_out(name: str) -> set[str]:
+    """The requests of a held-out file of tools/eval_intents, normalized."""
+    data = yaml.safe_load((TOOL / name).read_text())
+    held_out = {normalize(t) for ts in data["in_domain"].values() for t in ts}
+    return held_out | {normalize(t) for t in data["out_of_domain"]}
+
+
 def _examples_and_calibration() -> tuple[set[str], set[str]]:
+    """The training examples, and the calibration and probe requests."""
     examples = yaml.safe_load(
         (REPO / "edgeslm" / "intent" / "data" / "examples_en.yaml").read_text()
     )
     train = {normalize(t) for sentences in examples.values() for t in sentences}
-    calibration = yaml.safe_load((TOOL / "calibration_en.yaml").read_text())
-    held_out = {normalize(t) for ts in calibration["in_domain"].values() for t in ts}
-    held_out |= {normalize(t) for t in calibration["out_of_domain"]}
-    return train, held_out
+    return train, _held_out("calibration_en.yaml") | _held_out("probe_en.yaml")
+
+
+def test_probe_and_calibration_are_apart():
+    calibration, probe = _held_out("calibration_en.yaml"), _held_out("probe_en.yaml")
+    assert len(probe) > 500 and not (calibration & probe), sorted(calibration & probe)
 
 
 def _generated_training_set() -> set[str]:
