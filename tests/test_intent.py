@@ -336,7 +336,7 @@ def vacuum_home(ranked: list[tuple[str, float]]) -> IntentRecognizer:
         threshold=0.8,
         chat_threshold=0.4,
     )
-    guess = Guess(ranked, [i for i, _ in ranked], "vacuum", 0.9)
+    guess = Guess(ranked, [i for i, _ in ranked if i != "NONE"], "vacuum", 0.9)
     chat = VacuumChat(ranked[0][0])
     rec.classifier, rec.classify, rec._chat = object(), lambda _: guess, chat
     return rec
@@ -353,7 +353,7 @@ def vacuum_home(ranked: list[tuple[str, float]]) -> IntentRecognizer:
 def test_clean_area_sends_the_vacuum_wherever_it_stands(text, p, layer):
     # As Home Assistant's handler does it: the area is where to clean, not where
     # the vacuum is (here the hallway); the vacuum is the home's.
-    rec = vacuum_home([("HassVacuumCleanArea", p), ("HassVacuumStart", 1 - p)])
+    rec = vacuum_home([("HassVacuumCleanArea", p), ("NONE", 1 - p)])
     result = rec.recognize(text, {"area": "Hallway"})
     assert (result.intent, result.layer) == ("HassVacuumCleanArea", layer), result
     assert result.slots == {"area": "Bedroom"} and result.actionable
@@ -373,6 +373,20 @@ def test_satellite_area_does_not_reject_the_vacuum_of_the_home(
     assert (result.intent, result.layer) == (intent, layer), result
     assert result.actionable and result.devices == ("vacuum.robot",)
     assert "area" not in result.slots
+
+
+def test_the_threshold_is_on_the_sites_intents_together():
+    # Split between two of the site's intents, the heads are still sure it is a
+    # command for the site: the likelier intent answers, with their total.
+    rec = vacuum_home(
+        [("HassVacuumStart", 0.5), ("HassVacuumCleanArea", 0.4), ("NONE", 0.1)]
+    )
+    result = rec.recognize("the floors are filthy")
+    assert (result.intent, result.layer) == ("HassVacuumStart", "encoder")
+    assert result.confidence == pytest.approx(0.9)
+    # Mostly NONE: below the threshold (0.8), whatever the runner-up.
+    rec = vacuum_home([("NONE", 0.75), ("HassVacuumStart", 0.25)])
+    assert rec.recognize("the floors are filthy").layer != "encoder"
 
 
 def test_clean_area_needs_an_area_of_the_site():

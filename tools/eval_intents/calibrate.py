@@ -2,12 +2,17 @@
 
     python tools/eval_intents/calibrate.py                # encoder + chat band
     python tools/eval_intents/calibrate.py --no-chat      # encoder threshold only
+    python tools/eval_intents/calibrate.py --no-chat --data probe_en.yaml  # a probe
 
 Data: `calibration_en.yaml` (in-domain requests with their intents, and
 out-of-domain requests), on the evaluation home `slurp_registry.yaml`; neither
 the training examples nor any evaluation set. Every request is asked with no
 context and with a voice satellite's area, so a false activation is counted both
 ways.
+
+`--data` sweeps another file of the same form instead, such as the independent
+probe `probe_en.yaml`; its rows show how a change generalizes, and the threshold
+it would choose is no calibration (the defaults come from `calibration_en.yaml`).
 
 Each request goes through the template layer once and the encoder once; the
 sweep then replays the decision for every threshold, so it costs one pass. The
@@ -91,10 +96,12 @@ def probe(rec: IntentRecognizer, text: str, want, context, chat: bool) -> Probe:
         if result is not None:
             return Probe(text, want, context, result.intent, None, 0.0, False)
     guess = rec.classify(cleaned)
-    top, p = guess.ranked[0]
-    answer = rec.checked(rec._resolved(cleaned, top, p, "encoder", context, guess))
-    valid = top in guess.answerable and answer.error is None
-    out = Probe(text, want, context, None, top, guess.p, valid)
+    top, p = guess.intent, guess.p
+    valid = top is not None
+    if valid:
+        answer = rec._resolved(cleaned, top, p, "encoder", context, guess)
+        valid = rec.checked(answer).error is None
+    out = Probe(text, want, context, None, top, p, valid)
     if chat and CHAT_FLOOR <= guess.p < max(GRID):
         result = rec.chat_layer(cleaned, context, guess)
         out.chat = result.intent if result is not None else None
@@ -148,13 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-chat", action="store_true")
     parser.add_argument("--out", help="write the sweep as JSON here")
+    parser.add_argument(
+        "--data",
+        default="calibration_en.yaml",
+        help="the requests to sweep, a file in this folder or a path "
+        "(default: calibration_en.yaml)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("hassil").setLevel(logging.ERROR)
 
     registry = load_registry(HERE / "slurp_registry.yaml")
     rec = IntentRecognizer(registry, chat=False if args.no_chat else None)
-    rows = load_calibration(HERE / "calibration_en.yaml")
+    rows = load_calibration(HERE / args.data)
     probes = []
     for context in CONTEXTS.values():
         for text, want in rows:
@@ -201,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         chat_floor = threshold
     result = {
+        "data": args.data,
         "threshold": threshold,
         "chat_threshold": chat_floor,
         "max_false_activation": MAX_FALSE_ACTIVATION,
