@@ -26,9 +26,11 @@ KERNEL_SOURCES = [
     "kernels/qmatmul.c",
     "kernels/qmatmul4.c",
     "kernels/attention.c",
+    "kernels/ort_util.c",
     "kernels/ort_op.c",
     "kernels/ort_attention.c",
     "kernels/swiglu.c",
+    "kernels/ort_embed.c",
 ]
 # -ffp-contract=off: no fused multiply-add, so every platform rounds like numpy does.
 KERNEL_CFLAGS = [

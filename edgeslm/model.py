@@ -40,7 +40,7 @@ from edgeslm.generation import Generation, GenerationStats, TextStream
 from edgeslm.kvcache import KVCache
 from edgeslm.manifest import Manifest
 from edgeslm.sampling import Sampler, SamplerSettings
-from edgeslm.session import open_session
+from edgeslm.session import open_session, release_freed_heap
 from edgeslm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class Model:
         self._tokens: list[int] = []  # what the cache holds, position by position
         self._n_keep = 0  # tokens a context shift keeps
         self._bind()
+        release_freed_heap()
         self.load_seconds = time.perf_counter() - started
         log.debug("loaded %s in %.3f s", self.path, self.load_seconds)
 

@@ -38,6 +38,7 @@ enum {
     ESL_ORT_FLOAT = 1,
     ESL_ORT_UINT8 = 2,
     ESL_ORT_INT32 = 6,
+    ESL_ORT_INT64 = 7,
     ESL_ORT_FLOAT16 = 10
 };
 

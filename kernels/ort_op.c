@@ -1,15 +1,22 @@
 /*
  * ort_op.c - the block matmuls as onnxruntime custom operators.
  *
- *   ai.edgeslm::MatMulQ8(A, B, scales) -> Y        attributes K, N, block_size,
- *                                                  activation (optional)
+ *   ai.edgeslm::MatMulQ8(A, B, scales[, gamma, R]) -> Y
+ *                                    attributes K, N, block_size, activation, epsilon
  *     A       float32 [..., K]
  *     B       uint8 [ceil(N / 16), kp / 4, 16, 4], rows interleaved (qmatmul.c)
  *     scales  float16 [ceil(N / 16), kp / block_size, 16]
  *     Y       float32 [..., N], or [..., N / 2] with activation 1
- *   ai.edgeslm::MatMulQ4(A, B, scales, mins) -> Y  attributes K, N, activation
+ *   ai.edgeslm::MatMulQ4(A, B, scales, mins[, gamma, R]) -> Y
+ *                                    attributes K, N, activation, epsilon
  *     B       uint8 [ceil(N / 16), kp / 32, 4, 16, 4], nibble pairs (qmatmul4.c)
  *     scales, mins   float16 [ceil(N / 16), kp / 32, 16]
+ *
+ * Two optional inputs fold a Llama block's glue into its products. gamma (float32 [K])
+ * RMS-normalizes each row of A first: a = A / sqrt(mean(A^2) + epsilon) * gamma
+ * (epsilon default 1e-5), so the norm before a product is no node of its own. R (float32,
+ * Y's shape) is added to Y: the residual add after the output and down projections,
+ * R + P with the same rounding as a separate Add.
  *
  * activation 0 (the default) writes the product P. activation 1 is SwiGLU over a
  * packed gate + up weight: Y = silu(P[:, :N/2]) * P[:, N/2:] as swiglu.c computes it,
@@ -23,8 +30,7 @@
  * Weights are read where onnxruntime keeps the initializers, never copied.
  * Not yet: a CPU without AVX2 (x86) runs the portable C path, about 20x slower.
  */
-#include <stdarg.h>
-#include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,19 +39,18 @@
 #include "ort_util.h"
 #include "qmatmul.h"
 
-#define OP_DOMAIN "ai.edgeslm"
 /* One decode row's activations fit this stack buffer for K up to 4096. */
 #define STACK_SCRATCH 24576
 /* Work items per product: enough to balance threads, few enough to stay cheap. */
 #define MAX_ITEMS 16
 /* A decode row's product before its SwiGLU (N up to 4096) fits this stack buffer. */
 #define STACK_PRODUCT 4096
+/* A decode row's normalized activations (K up to 4096) fit this stack buffer. */
+#define STACK_NORMED 4096
 
 /* What the operator does to the product before writing Y (attribute "activation"). */
 enum { ACT_NONE = 0, ACT_SWIGLU = 1 };
 
-/* The API table RegisterCustomOps was given (see ort_util.h). */
-const OrtApi *esl__ort_api;
 #define g_api esl__ort_api
 
 /* What a kernel multiplies by: int8 blocks (MatMulQ8) or 4-bit blocks (MatMulQ4). */
@@ -56,6 +61,7 @@ typedef struct qmm_kernel {
     op_kind kind;
     int64_t k, n, block, kp, n_groups;
     int64_t activation; /* ACT_NONE or ACT_SWIGLU */
+    float epsilon;      /* of the RMS norm, when gamma is given */
     /* constant weights found at creation (data, scales, mins), else NULL */
     const void *w[3];
 } qmm_kernel;
@@ -67,51 +73,12 @@ typedef struct qmm_job {
     esl_qmm4_weights q4;
     float *y;          /* Y */
     float *product;    /* SwiGLU: the whole product [m][n] before it; else NULL */
+    const float *residual; /* R, added to Y ([m][y_cols]); or NULL */
+    int64_t y_cols;    /* Y's row length: n, or n / 2 with SwiGLU */
     int64_t m, n;      /* rows, product columns */
     int64_t n_groups;  /* groups the items share: all, or those of the gate half */
     int64_t per_item;  /* groups per work item */
 } qmm_job;
-
-/* Contract: see ort_util.h. */
-OrtStatus *esl__ort_fail(const char *op, int code, const char *fmt, ...)
-{
-    char msg[512];
-    va_list ap;
-    int used = snprintf(msg, sizeof msg, "%s::%s: ", OP_DOMAIN, op);
-    va_start(ap, fmt);
-    vsnprintf(msg + used, sizeof msg - (size_t)used, fmt, ap);
-    va_end(ap);
-    return ESL_ORT_SLOT(g_api, ESL_ORT_CreateStatus, esl_ort_create_status_fn)(code, msg);
-}
-
-/* Contract: see ort_util.h. */
-OrtStatus *esl__ort_shape(const char *op, const OrtValue *v, int *type, size_t *rank,
-                          int64_t *dims)
-{
-    OrtTensorTypeAndShapeInfo *info = NULL;
-    OrtStatus *st = ESL_ORT_SLOT(g_api, ESL_ORT_GetTensorTypeAndShape,
-                                 esl_ort_type_and_shape_fn)(v, &info);
-    if (!st)
-        st = ESL_ORT_SLOT(g_api, ESL_ORT_GetTensorElementType, esl_ort_element_type_fn)(info,
-                                                                                      type);
-    if (!st)
-        st = ESL_ORT_SLOT(g_api, ESL_ORT_GetDimensionsCount, esl_ort_dims_count_fn)(info, rank);
-    if (!st && *rank > ESL_ORT_MAX_DIMS)
-        st = esl__ort_fail(op, ESL_ORT_INVALID_ARGUMENT, "tensor of rank %zu (at most %d)",
-                           *rank, ESL_ORT_MAX_DIMS);
-    if (!st)
-        st = ESL_ORT_SLOT(g_api, ESL_ORT_GetDimensions, esl_ort_dims_fn)(info, dims, *rank);
-    if (info)
-        ESL_ORT_SLOT(g_api, ESL_ORT_ReleaseTensorTypeAndShapeInfo, esl_ort_release_info_fn)(info);
-    return st;
-}
-
-/* Contract: see ort_util.h. */
-OrtStatus *esl__ort_data(const OrtValue *v, void **out)
-{
-    return ESL_ORT_SLOT(g_api, ESL_ORT_GetTensorMutableData, esl_ort_mutable_data_fn)(
-        (OrtValue *)v, out);
-}
 
 /* The helpers under the names this file uses. */
 #define fail(kind, ...) esl__ort_fail(OP_NAMES[kind], __VA_ARGS__)
@@ -195,7 +162,16 @@ static OrtStatus *create_kernel(op_kind kind, const OrtApi *api, const OrtKernel
             ESL_ORT_SLOT(api, ESL_ORT_ReleaseStatus, esl_ort_release_status_fn)(absent);
             kn->activation = ACT_NONE;
         }
+        absent = ESL_ORT_SLOT(api, ESL_ORT_KernelInfoGetAttribute_float,
+                              esl_ort_attr_float_fn)(info, "epsilon", &kn->epsilon);
+        if (absent) {
+            ESL_ORT_SLOT(api, ESL_ORT_ReleaseStatus, esl_ort_release_status_fn)(absent);
+            kn->epsilon = 1e-5f;
+        }
     }
+    if (!st && !(kn->epsilon >= 0.0f && kn->epsilon < 1.0f))
+        st = fail(kind, ESL_ORT_INVALID_ARGUMENT, "epsilon=%g: it must be in [0, 1)",
+                  (double)kn->epsilon);
     if (!st && esl__qmm_check(0, kn->k, kn->n, kn->block) != ESL_OK)
         st = fail(kind, ESL_ORT_INVALID_ARGUMENT,
                   "K=%lld, N=%lld, block_size=%lld: K and N must be in [1, 2^24] and "
@@ -257,6 +233,20 @@ static void swiglu_columns(const qmm_job *job, int64_t c0, int64_t c1)
     }
 }
 
+/* Y[i][c] = R[i][c] + Y[i][c] for columns [c0, c1) of every row (R + P, as Add rounds). */
+static void add_residual(const qmm_job *job, int64_t c0, int64_t c1)
+{
+    int64_t i, c;
+    if (c1 > job->y_cols)
+        c1 = job->y_cols;
+    for (i = 0; i < job->m; i++) {
+        float *y = job->y + i * job->y_cols;
+        const float *r = job->residual + i * job->y_cols;
+        for (c = c0; c < c1; c++)
+            y[c] = r[c] + y[c];
+    }
+}
+
 static void run_item(void *data, size_t item)
 {
     const qmm_job *job = (const qmm_job *)data;
@@ -266,11 +256,61 @@ static void run_item(void *data, size_t item)
         return;
     if (!job->product) {
         run_groups(job, g0, g1, job->y);
-        return;
+    } else {
+        run_groups(job, g0, g1, job->product);                               /* gate */
+        run_groups(job, g0 + job->n_groups, g1 + job->n_groups, job->product); /* up */
+        swiglu_columns(job, g0 * ESL_QMM_GROUP, g1 * ESL_QMM_GROUP);
     }
-    run_groups(job, g0, g1, job->product);                               /* gate */
-    run_groups(job, g0 + job->n_groups, g1 + job->n_groups, job->product); /* up */
-    swiglu_columns(job, g0 * ESL_QMM_GROUP, g1 * ESL_QMM_GROUP);
+    if (job->residual)
+        add_residual(job, g0 * ESL_QMM_GROUP, g1 * ESL_QMM_GROUP);
+}
+
+/*
+ * out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * gamma for m rows of k. Eight running sums
+ * in a fixed order, so every CPU rounds alike (the kernel is built without contraction).
+ */
+static void rms_norm_rows(const float *x, const float *gamma, float eps, int64_t m, int64_t k,
+                          float *out)
+{
+    int64_t i, c;
+    int j;
+    for (i = 0; i < m; i++) {
+        const float *row = x + i * k;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum, inv;
+        for (c = 0; c + 8 <= k; c += 8)
+            for (j = 0; j < 8; j++)
+                acc[j] += row[c + j] * row[c + j];
+        sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; c < k; c++)
+            sum += row[c] * row[c];
+        inv = 1.0f / sqrtf(sum / (float)k + eps);
+        for (c = 0; c < k; c++)
+            out[i * k + c] = row[c] * inv * gamma[c];
+    }
+}
+
+/*
+ * Reads optional float input `index` into *data when present, checking it holds `count`
+ * values (what: its name and shape, for the error). Absent: *data stays NULL.
+ */
+static OrtStatus *optional_floats(const qmm_kernel *kn, OrtKernelContext *ctx, size_t index,
+                                  int64_t count, const char *what, const float **data)
+{
+    const OrtValue *v = NULL;
+    int64_t dims[ESL_ORT_MAX_DIMS];
+    size_t rank;
+    int type;
+    OrtStatus *st = ESL_ORT_SLOT(g_api, ESL_ORT_KernelContext_GetInput,
+                                 esl_ort_get_input_fn)(ctx, index, &v);
+    *data = NULL;
+    if (st || !v)
+        return st;
+    st = tensor_shape(kn->kind, v, &type, &rank, dims);
+    if (!st && (type != ESL_ORT_FLOAT || count_of(dims, rank) != count))
+        return fail(kn->kind, ESL_ORT_INVALID_ARGUMENT,
+                    "%s must be float32 with %lld values, got type %d with %lld", what,
+                    (long long)count, type, (long long)count_of(dims, rank));
+    return st ? st : tensor_data(v, (void **)data);
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
@@ -281,12 +321,15 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     const OrtValue *a_val = NULL;
     OrtValue *y_val = NULL;
     const void *w[3] = {kn->w[0], kn->w[1], kn->w[2]};
+    const size_t first_optional = kn->kind == KIND_Q4 ? 4 : 3;
+    const float *gamma = NULL, *residual = NULL;
     int64_t dims[ESL_ORT_MAX_DIMS], m = 1, items;
     size_t rank, i, need;
     int type;
-    float *x, *y, *product = NULL;
+    float *x, *y, *product = NULL, *normed = NULL;
     unsigned char stack[STACK_SCRATCH];
     float stack_product[STACK_PRODUCT];
+    float stack_normed[STACK_NORMED];
     void *scratch;
     esl_qmm_act act;
     qmm_job job;
@@ -318,6 +361,12 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
             return st;
     }
     dims[rank - 1] = kn->activation == ACT_SWIGLU ? kn->n / 2 : kn->n;
+    st = optional_floats(kn, ctx, first_optional, kn->k, "gamma ([K])", &gamma);
+    if (!st)
+        st = optional_floats(kn, ctx, first_optional + 1, m * dims[rank - 1],
+                             "R (Y's shape)", &residual);
+    if (st)
+        return st;
     st = ESL_ORT_SLOT(g_api, ESL_ORT_KernelContext_GetOutput, esl_ort_get_output_fn)(
         ctx, 0, dims, rank, &y_val);
     if (!st)
@@ -327,12 +376,26 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     if (st || m == 0)
         return st;
 
-    /* Quantize A once (this thread), then share the groups out. */
+    /* Normalize A (with gamma) and quantize it once (this thread), then share the
+     * groups out. */
+    if (gamma) {
+        normed = m * kn->k <= STACK_NORMED
+                     ? stack_normed
+                     : (float *)malloc((size_t)m * (size_t)kn->k * sizeof(float));
+        if (!normed)
+            return fail(kn->kind, ESL_ORT_FAIL, "out of memory for %lld normalized rows",
+                        (long long)m);
+        rms_norm_rows(x, gamma, kn->epsilon, m, kn->k, normed);
+        x = normed;
+    }
     need = esl__qmm_scratch_size(m, kn->kp);
     scratch = need <= sizeof stack ? (void *)stack : malloc(need);
-    if (!scratch)
+    if (!scratch) {
+        if (normed != stack_normed)
+            free(normed);
         return fail(kn->kind, ESL_ORT_FAIL, "out of memory for %lld activation rows",
                     (long long)m);
+    }
     if (kn->activation == ACT_SWIGLU) {
         product = m * kn->n <= STACK_PRODUCT
                       ? stack_product
@@ -340,11 +403,15 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
         if (!product) {
             if (scratch != (void *)stack)
                 free(scratch);
+            if (normed != stack_normed)
+                free(normed);
             return fail(kn->kind, ESL_ORT_FAIL, "out of memory for %lld product rows",
                         (long long)m);
         }
     }
     esl__qmm_prepare(&act, scratch, x, m, kn->k, kn->kp, esl_qmm_level());
+    if (normed != stack_normed)
+        free(normed); /* prepare keeps nothing of x (NULL when there was no gamma) */
     job.act = &act;
     job.kind = kn->kind;
     job.q8.data = (const uint8_t *)w[0];
@@ -359,6 +426,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     job.q4.kp = kn->kp;
     job.y = y;
     job.product = product;
+    job.residual = residual;
+    job.y_cols = dims[rank - 1];
     job.m = m;
     job.n = kn->n;
     job.n_groups = product ? kn->n_groups / 2 : kn->n_groups;
@@ -417,10 +486,19 @@ static int op_input_type(const OrtCustomOp *op, size_t index)
 {
     static const int types[4] = {ESL_ORT_FLOAT, ESL_ORT_UINT8, ESL_ORT_FLOAT16,
                                  ESL_ORT_FLOAT16};
-    return index < (kind_of(op) == KIND_Q4 ? 4u : 3u) ? types[index] : 0;
+    size_t first_optional = kind_of(op) == KIND_Q4 ? 4u : 3u;
+    if (index < first_optional)
+        return types[index];
+    return index < first_optional + 2 ? ESL_ORT_FLOAT : 0; /* gamma, R */
 }
 
-static size_t op_input_count(const OrtCustomOp *op) { return kind_of(op) == KIND_Q4 ? 4 : 3; }
+/* A, the weights (B, scales[, mins]), then the optional gamma and R. */
+static size_t op_input_count(const OrtCustomOp *op) { return kind_of(op) == KIND_Q4 ? 6 : 5; }
+
+static int op_input_characteristic(const OrtCustomOp *op, size_t index)
+{
+    return index >= (kind_of(op) == KIND_Q4 ? 4u : 3u) ? ESL_ORT_OPTIONAL : ESL_ORT_REQUIRED;
+}
 
 static int op_output_type(const OrtCustomOp *op, size_t index)
 {
@@ -458,60 +536,12 @@ static int op_homogeneous(const OrtCustomOp *op)
     {                                                                                      \
         ESL_ORT_CUSTOM_OP_VERSION, create_kernel_v1, op_name, op_provider, op_input_type,  \
             op_input_count, op_output_type, op_output_count, compute_v1, destroy_kernel,   \
-            op_zero, op_zero, op_zero, op_arity, op_homogeneous, op_arity, op_homogeneous, \
-            create_kernel_v2, compute,                                                     \
+            op_input_characteristic, op_zero, op_zero, op_arity, op_homogeneous, op_arity, \
+            op_homogeneous, create_kernel_v2, compute,                                     \
     }
-static const OrtCustomOp g_ops[2] = {OP_TABLE, OP_TABLE};
+const OrtCustomOp esl__qmm_ops[2] = {OP_TABLE, OP_TABLE};
 
-static op_kind kind_of(const OrtCustomOp *op) { return op == &g_ops[1] ? KIND_Q4 : KIND_Q8; }
-
-/* ---- registration ----------------------------------------------------------------- */
-
-static OrtCustomOpDomain *g_domain;
-
-/*
- * Called by onnxruntime for SessionOptions.register_custom_ops_library: adds the
- * ai.edgeslm domain (MatMulQ8, MatMulQ4, CachedAttention, SwiGLU) to `options`. The
- * domain lives as long as the process, as every session made with it must outlive
- * it. Not thread-safe against itself (the Python API registers under the GIL).
- */
-ESL_API OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
+static op_kind kind_of(const OrtCustomOp *op)
 {
-    const OrtApi *api = base->GetApi(ESL_ORT_API_VERSION);
-    OrtStatus *st = NULL;
-
-    if (!api) {
-        const OrtApi *old = base->GetApi(1);
-        char msg[200];
-        snprintf(msg, sizeof msg,
-                 "edgeslm's operators need onnxruntime 1.17 or newer, this is %s; "
-                 "upgrade onnxruntime",
-                 base->GetVersionString());
-        return old ? ESL_ORT_SLOT(old, ESL_ORT_CreateStatus, esl_ort_create_status_fn)(
-                         ESL_ORT_FAIL, msg)
-                   : NULL;
-    }
-    g_api = api;
-    if (!g_domain) {
-        st = ESL_ORT_SLOT(api, ESL_ORT_CreateCustomOpDomain, esl_ort_create_domain_fn)(
-            OP_DOMAIN, &g_domain);
-        if (!st)
-            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
-                g_domain, &g_ops[KIND_Q8]);
-        if (!st)
-            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
-                g_domain, &g_ops[KIND_Q4]);
-        if (!st)
-            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
-                g_domain, &esl__attention_op);
-        if (!st)
-            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
-                g_domain, &esl__swiglu_op);
-        if (st) {
-            g_domain = NULL; /* leaked on this error path only; the next call retries */
-            return st;
-        }
-    }
-    return ESL_ORT_SLOT(api, ESL_ORT_AddCustomOpDomain, esl_ort_add_domain_fn)(options,
-                                                                               g_domain);
+    return op == &esl__qmm_ops[1] ? KIND_Q4 : KIND_Q8;
 }

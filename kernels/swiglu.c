@@ -197,17 +197,13 @@ static void *create_kernel_v1(const OrtCustomOp *op, const OrtApi *api,
                               const OrtKernelInfo *info)
 {
     void *kernel = NULL;
-    OrtStatus *st = create_kernel(op, api, info, &kernel);
-    if (st)
-        ESL_ORT_SLOT(api, ESL_ORT_ReleaseStatus, esl_ort_release_status_fn)(st);
+    esl__ort_release(api, create_kernel(op, api, info, &kernel));
     return kernel;
 }
 
 static void compute_v1(void *kernel, OrtKernelContext *ctx)
 {
-    OrtStatus *st = compute(kernel, ctx);
-    if (st)
-        ESL_ORT_SLOT(esl__ort_api, ESL_ORT_ReleaseStatus, esl_ort_release_status_fn)(st);
+    esl__ort_release(esl__ort_api, compute(kernel, ctx));
 }
 
 static const char *op_name(const OrtCustomOp *op)
@@ -216,62 +212,24 @@ static const char *op_name(const OrtCustomOp *op)
     return OP_NAME;
 }
 
-static const char *op_provider(const OrtCustomOp *op)
-{
-    (void)op;
-    return NULL; /* the CPU execution provider */
-}
-
-static int op_float(const OrtCustomOp *op, size_t index)
-{
-    (void)op;
-    (void)index;
-    return ESL_ORT_FLOAT;
-}
-
-static size_t op_one(const OrtCustomOp *op)
-{
-    (void)op;
-    return 1;
-}
-
-static int op_required(const OrtCustomOp *op, size_t index)
-{
-    (void)op;
-    (void)index;
-    return ESL_ORT_REQUIRED; /* also the default memory type (0) */
-}
-
-static int op_arity(const OrtCustomOp *op)
-{
-    (void)op;
-    return 1;
-}
-
-static int op_homogeneous(const OrtCustomOp *op)
-{
-    (void)op;
-    return 0;
-}
-
 const OrtCustomOp esl__swiglu_op = {
     ESL_ORT_CUSTOM_OP_VERSION,
     create_kernel_v1,
     op_name,
-    op_provider,
-    op_float,
-    op_one,
-    op_float,
-    op_one,
+    esl__ort_cpu_provider,
+    esl__ort_float_type,
+    esl__ort_one,
+    esl__ort_float_type,
+    esl__ort_one,
     compute_v1,
     destroy_kernel,
-    op_required,
-    op_required,
-    op_required,
-    op_arity,
-    op_homogeneous,
-    op_arity,
-    op_homogeneous,
+    esl__ort_required,
+    esl__ort_required,
+    esl__ort_required,
+    esl__ort_one_arity,
+    esl__ort_not_homogeneous,
+    esl__ort_one_arity,
+    esl__ort_not_homogeneous,
     create_kernel,
     compute,
 };

@@ -381,6 +381,135 @@ def test_swiglu_operator_refuses_an_odd_width(lib):
         _session(b.model("odd")).run(None, {"x": np.zeros((1, 3, 7), np.float32)})
 
 
+def _rms_norm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    inv = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + eps)
+    return (x64 * inv * gamma).astype(np.float32)
+
+
+def _fused_graph(dtype, w, gamma, dims, *, residual, activation=0):
+    """y = product of (norm(x) if gamma) with w, plus r when `residual`."""
+    k, n = w.shape[1], w.shape[0] // (2 if activation else 1)
+    b = GraphBuilder(dtype)
+    b.input("x", TensorProto.FLOAT, [*dims, k])
+    norm = (b.const("gamma", gamma), 1e-5) if gamma is not None else None
+    if residual:
+        b.input("r", TensorProto.FLOAT, [*dims, n])
+    r = "r" if residual else None
+    if activation:
+        y = b.swiglu("x", w, "mm", norm=norm)
+    else:
+        y = b.linear("x", w, "mm", norm=norm, residual=r)
+    b.node("Identity", [y], outputs=["y"])
+    b.output("y", TensorProto.FLOAT, [*dims, n])
+    return b.model("fused")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, 5, 300])  # a decode row, a few, beyond the stack
+def test_operator_folds_the_rms_norm_and_the_residual_add(lib, threads, dtype, m):
+    # What a Llama block asks of its products: the norm before QKV and gate + up,
+    # the residual add after the output and down projections.
+    rng = np.random.default_rng(m)
+    k, n = 96, 80
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    gamma = rng.uniform(0.2, 3.0, k).astype(np.float32)
+    x = (rng.standard_normal((1, m, k)) * 7).astype(np.float32)  # not unit RMS
+    r = rng.standard_normal((1, m, n)).astype(np.float32)
+
+    def run(model, feeds):
+        return _session(model, threads).run(None, feeds)[0]
+
+    # The norm: the same product as of the input normalized beforehand.
+    normed = run(_fused_graph(dtype, w, gamma, [1, m], residual=False), {"x": x})
+    plain = run(
+        _fused_graph(dtype, w, None, [1, m], residual=False),
+        {"x": _rms_norm(x, gamma, 1e-5)},
+    )
+    rel = np.linalg.norm(normed - plain) / np.linalg.norm(plain)
+    assert rel < 1e-3, rel  # the norm's rounding can move a few int8 roundings
+
+    # The add: exactly R + P, as a separate Add rounds it.
+    both = run(_fused_graph(dtype, w, gamma, [1, m], residual=True), {"x": x, "r": r})
+    np.testing.assert_array_equal(both, r + normed)
+
+    if dtype == "int8":  # the portable graph spells both with onnxruntime's ops
+        portable = portable_model(_fused_graph(dtype, w, gamma, [1, m], residual=True))
+        kinds = [node.op_type for node in portable.graph.node]
+        assert "SimplifiedLayerNormalization" in kinds and "Add" in kinds
+        (theirs,) = _session(portable, ops=False).run(None, {"x": x, "r": r})
+        rel = np.linalg.norm(theirs - both) / np.linalg.norm(both)
+        assert rel < 1e-2, rel
+
+
+def test_operator_folds_the_norm_before_a_swiglu(lib):
+    rng = np.random.default_rng(12)
+    k, f = 64, 32
+    w = rng.standard_normal((2 * f, k)).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, k).astype(np.float32)
+    x = (rng.standard_normal((1, 3, k)) * 5).astype(np.float32)
+    model = _fused_graph("int8", w, gamma, [1, 3], residual=False, activation=1)
+    assert [n.op_type for n in model.graph.node] == ["MatMulQ8", "Identity"]
+    (y,) = _session(model).run(None, {"x": x})
+    want = _silu_times(_rms_norm(x, gamma, 1e-5) @ w.T)
+    rel = np.linalg.norm(y - want) / np.linalg.norm(want)
+    assert rel < 2e-2, rel  # int8 weights and activations
+
+
+def test_operator_refuses_a_gamma_or_residual_of_the_wrong_size(lib):
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((32, 64)).astype(np.float32)
+    bad_gamma = _fused_graph("int8", w, np.ones(64, np.float32), [1, 1], residual=True)
+    for init in bad_gamma.graph.initializer:
+        if init.name == "gamma":
+            init.CopyFrom(
+                onnx.numpy_helper.from_array(np.ones(63, np.float32), "gamma")
+            )
+    x = np.ones((1, 1, 64), np.float32)
+    with pytest.raises(Exception, match="gamma \\(\\[K\\]\\) must be float32 with 64"):
+        _session(bad_gamma).run(None, {"x": x, "r": np.zeros((1, 1, 32), np.float32)})
+    model = _fused_graph("int8", w, None, [1, "n"], residual=True)
+    del model.graph.input[1].type.tensor_type.shape.dim[:]  # R of any shape
+    with pytest.raises(Exception, match="R \\(Y's shape\\) must be float32 with 32"):
+        _session(model).run(None, {"x": x, "r": np.zeros((1, 1, 31), np.float32)})
+    # epsilon outside [0, 1) is refused when the session is made
+    bad_eps = _fused_graph("int8", w, np.ones(64, np.float32), [1, 1], residual=False)
+    for attr in bad_eps.graph.node[0].attribute:
+        if attr.name == "epsilon":
+            attr.f = -1.0
+    with pytest.raises(Exception, match="epsilon=-1: it must be in"):
+        _session(bad_eps)
+
+
+@pytest.mark.parametrize("k, block", [(576, 32), (100, 64)])  # K padded: 100 -> 128
+def test_gather_operator_gives_the_tables_rows(lib, k, block):
+    rng = np.random.default_rng(k)
+    p = _weights(rng, 50, k, block)  # 50 rows: the last group is part padding
+    b = GraphBuilder("int8", block)
+    b.input("ids", TensorProto.INT64, [1, "n"])
+    b.node("Identity", [b.embedding_packed("ids", p, "embed")], outputs=["y"])
+    b.output("y", TensorProto.FLOAT, [1, "n", k])
+    model = b.model("gather")
+    assert [n.op_type for n in model.graph.node] == ["GatherQ8", "Identity"]
+    ids = np.array([[0, 15, 16, 49, 7, 7]], np.int64)
+    (y,) = _session(model).run(None, {"ids": ids})
+    want = unpack_q8(p).dequantize()[ids[0]]  # (q - 128) * scale, in float32
+    np.testing.assert_array_equal(y[0], want)
+
+    # The portable graph's standard ops compute the same bits.
+    portable = portable_model(model)
+    assert "GatherQ8" not in {n.op_type for n in portable.graph.node}
+    (theirs,) = _session(portable, ops=False).run(None, {"ids": ids})
+    np.testing.assert_array_equal(theirs, y)
+
+    for bad in (50, -1):
+        with pytest.raises(
+            Exception, match=f"token id {bad} is out of range \\[0, 50\\)"
+        ):
+            _session(model).run(None, {"ids": np.array([[3, bad]], np.int64)})
+
+
 def test_operator_errors_name_the_problem(lib):
     rng = np.random.default_rng(6)
     p = _weights(rng, 32, 64, 32)

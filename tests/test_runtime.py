@@ -148,3 +148,18 @@ def test_chat_template_errors_are_clear():
     raising = "{{ raise_exception('no system messages') }}"
     with pytest.raises(ChatTemplateError, match="no system messages"):
         ChatTemplate(raising).render([{"role": "user", "content": "x"}])
+
+
+def test_loading_hands_freed_heap_back_on_glibc():
+    # Loading frees its temporaries (tokenizer.json's parse above all); on glibc,
+    # malloc_trim returns them to the system, elsewhere there is nothing to call.
+    import platform
+
+    from edgeslm import session
+
+    trim = session._find_malloc_trim()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert callable(trim)
+        session.release_freed_heap()
+    else:
+        assert trim is False

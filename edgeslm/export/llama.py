@@ -14,6 +14,11 @@ Attention is edgeslm's `CachedAttention` (GroupQueryAttention's inputs and outpu
 kernels/attention.c) with RoPE applied inside it; the runtime binds each past and
 present to one preallocated buffer, so a decode step writes only the new positions
 and never copies the cache.
+
+In a quantized graph a block is five nodes: the RMS norms and residual adds are
+done by the products around them (`MatMulQ8`'s gamma and R inputs,
+kernels/ort_op.c), so the residual stream is the output of each block's output and
+down projections. fp32 graphs keep onnxruntime's norm ops.
 """
 
 from __future__ import annotations
@@ -77,7 +82,10 @@ def build_llama(
     residual = None
     mlp_out = hidden
     for layer in range(cfg.n_layers):
-        mlp_out, residual = _block(b, ckpt, layer, mlp_out, residual)
+        if b.quantized:
+            mlp_out = _block_fused(b, ckpt, layer, mlp_out)
+        else:
+            mlp_out, residual = _block(b, ckpt, layer, mlp_out, residual)
         if progress:
             progress(layer + 1, cfg.n_layers, f"layer {layer + 1}/{cfg.n_layers}")
 
@@ -88,8 +96,11 @@ def build_llama(
     else:
         total = b.op("Add", mlp_out, residual)
     last = b.op("Gather", total, last_idx, axis=1)
-    normed = _rms_norm(b, last, ckpt.load("norm"), "final_norm", cfg.norm_eps)
-    _lm_head(b, ckpt, normed, embed_q, head_block)
+    if b.quantized:
+        _lm_head(b, ckpt, last, embed_q, head_block, norm=_norm(b, ckpt, "norm"))
+    else:
+        normed = _rms_norm(b, last, ckpt.load("norm"), "final_norm", cfg.norm_eps)
+        _lm_head(b, ckpt, normed, embed_q, head_block)
     return b.model("edgeslm-llama")
 
 
@@ -187,6 +198,31 @@ def _block(b: GraphBuilder, ckpt: Checkpoint, layer: int, x: str, residual: str 
     return down, residual
 
 
+def _block_fused(b: GraphBuilder, ckpt: Checkpoint, layer: int, stream: str) -> str:
+    """One block of a quantized graph on the residual stream `(1, n_new, hidden)`;
+    returns the stream after it. The norms and adds live in the products."""
+    p = f"layers.{layer}"
+
+    # Attention: norm inside the packed QKV product, add inside the output one.
+    wqkv = _weights(b, ckpt, f"{p}.wq", f"{p}.wk", f"{p}.wv")
+    qkv = b.linear(stream, wqkv, f"{p}.qkv", norm=_norm(b, ckpt, f"{p}.attn_norm"))
+    cfg = ckpt.config
+    attn = b.attention(qkv, layer, cfg.n_heads, cfg.n_kv_heads, _rope_tables(b, cfg))
+    stream = b.linear(attn, _weights(b, ckpt, f"{p}.wo"), f"{p}.wo", residual=stream)
+
+    # Feed-forward: norm inside the gate + up product (SwiGLU too), add in down's.
+    wgu = _weights(b, ckpt, f"{p}.w_gate", f"{p}.w_up")
+    act = b.swiglu(stream, wgu, f"{p}.gate_up", norm=_norm(b, ckpt, f"{p}.ffn_norm"))
+    wdown = _weights(b, ckpt, f"{p}.w_down")
+    return b.linear(act, wdown, f"{p}.w_down", residual=stream)
+
+
+def _norm(b: GraphBuilder, ckpt: Checkpoint, name: str) -> tuple[str, float]:
+    """An RMS norm's weight as an initializer, with the model's epsilon."""
+    gamma = b.const(f"{name}.weight", ckpt.load(name).astype(np.float32))
+    return gamma, ckpt.config.norm_eps
+
+
 def _weights(b: GraphBuilder, ckpt: Checkpoint, *names: str) -> np.ndarray | Int4Blocks:
     """The named `(N, K)` weights stacked along N (packed QKV, gate + up).
 
@@ -216,18 +252,25 @@ def _rope_tables(b: GraphBuilder, cfg: ModelConfig) -> tuple[str, str]:
 
 
 def _lm_head(
-    b: GraphBuilder, ckpt: Checkpoint, x: str, embed_q, block_size: int
+    b: GraphBuilder,
+    ckpt: Checkpoint,
+    x: str,
+    embed_q,
+    block_size: int,
+    norm: tuple[str, float] | None = None,
 ) -> None:
+    """The output projection to `logits`; `norm` (quantized only): the final norm,
+    done by the product."""
     tied = _tied(ckpt)
     if b.quantized and tied:
-        b.linear_q(x, embed_q, "lm_head", prefix="embed", output="logits")
+        b.linear_q(x, embed_q, "lm_head", prefix="embed", output="logits", norm=norm)
     elif b.dtype == "fp32" and tied:
         b.node(
             "Gemm", [x, "embed.weight"], outputs=["logits"], name="lm_head", transB=1
         )
     elif b.quantized:
         q = quantize_int8_blocks(ckpt.load("lm_head"), block_size)
-        b.linear_q(x, q, "lm_head", output="logits")
+        b.linear_q(x, q, "lm_head", output="logits", norm=norm)
     else:
         out = b.linear(x, ckpt.load("lm_head"), "lm_head")
         b.node("Identity", [out], outputs=["logits"], name="logits")

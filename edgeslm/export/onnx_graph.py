@@ -48,6 +48,9 @@ DTYPES = ("int8", "int4", "fp32")
 # MatMulQ8/MatMulQ4 "activation" attribute values (kernels/ort_op.c).
 NO_ACTIVATION, SWIGLU = 0, 1
 
+# An RMS norm folded into a quantized product: (gamma initializer, epsilon).
+Norm = tuple[str, float]
+
 
 class GraphBuilder:
     """Collects nodes, initializers, inputs and outputs of one ONNX graph."""
@@ -135,28 +138,41 @@ class GraphBuilder:
         weight: np.ndarray | Int4Blocks,
         name: str,
         activation: int = NO_ACTIVATION,
+        *,
+        norm: Norm | None = None,
+        residual: str | None = None,
     ) -> str:
         """`x @ weight.T` for a `(N, K)` weight, with the kernel of the dtype.
 
         `weight` is float, or for int4 already in 4-bit blocks (a source's own).
-        `activation` (quantized dtypes only): the operator's epilogue, see `swiglu`.
+        Quantized dtypes only: `activation`, the operator's epilogue (see `swiglu`);
+        `norm`, an RMS norm of `x` done by the operator first; `residual`, a tensor
+        of the result's shape added to it (kernels/ort_op.c).
         """
-        if activation != NO_ACTIVATION and self.dtype == "fp32":
-            raise ValueError("an fp32 linear layer has no fused activation")
+        if self.dtype == "fp32" and (activation != NO_ACTIVATION or norm or residual):
+            raise ValueError("an fp32 linear layer fuses no activation, norm or add")
+        fused = {"activation": activation, "norm": norm, "residual": residual}
         if isinstance(weight, Int4Blocks):
             if self.dtype != "int4":
                 weight = weight.dequantize()
             else:
-                return self.linear_int4(x, weight, name, activation)
+                return self.linear_int4(x, weight, name, **fused)
         if self.dtype == "fp32":
             w = self.const(f"{name}.weight", weight.T.astype(np.float32))
             return self.op("MatMul", x, w, name=name)
         if self.dtype == "int4":
-            return self.linear_int4(x, quantize_int4_blocks(weight), name, activation)
+            return self.linear_int4(x, quantize_int4_blocks(weight), name, **fused)
         q = quantize_int8_blocks(weight, self.block_size)
-        return self.linear_q(x, q, name, activation=activation)
+        return self.linear_q(x, q, name, **fused)
 
-    def swiglu(self, x: str, gate_up: np.ndarray | Int4Blocks, name: str) -> str:
+    def swiglu(
+        self,
+        x: str,
+        gate_up: np.ndarray | Int4Blocks,
+        name: str,
+        *,
+        norm: Norm | None = None,
+    ) -> str:
         """`silu(x @ gate.T) * (x @ up.T)` for a packed `(2 * F, K)` gate + up weight.
 
         Quantized, with F a multiple of 16, one `MatMulQ8`/`MatMulQ4` with
@@ -166,8 +182,8 @@ class GraphBuilder:
         """
         rows = gate_up.q.shape[0] if isinstance(gate_up, Int4Blocks) else len(gate_up)
         if self.dtype != "fp32" and rows % (2 * Q8_GROUP) == 0:
-            return self.linear(x, gate_up, name, activation=SWIGLU)
-        both = self.linear(x, gate_up, name)
+            return self.linear(x, gate_up, name, activation=SWIGLU, norm=norm)
+        both = self.linear(x, gate_up, name, norm=norm)
         self.domains.add(EDGESLM_DOMAIN)
         return self.op("SwiGLU", both, domain=EDGESLM_DOMAIN, name=f"{name}.swiglu")
 
@@ -207,25 +223,35 @@ class GraphBuilder:
         )[0]
 
     def linear_int4(
-        self, x: str, w: Int4Blocks, name: str, activation: int = NO_ACTIVATION
+        self,
+        x: str,
+        w: Int4Blocks,
+        name: str,
+        activation: int = NO_ACTIVATION,
+        norm: Norm | None = None,
+        residual: str | None = None,
     ) -> str:
         """`x @ (scale * q + min).T` with edgeslm's `MatMulQ4` over the blocks as
         they are (a GGUF's Q4_1 or Q4_0 blocks carry over exactly; kernels/qmatmul4.c).
+        `activation`, `norm`, `residual`: as in `linear`.
         """
         p = pack_q4(w)
         self.domains.add(EDGESLM_DOMAIN)
-        return self.op(
-            "MatMulQ4",
-            x,
+        extra, attrs = _fused_inputs(activation, norm, residual)
+        weights = [
             self.const(f"{name}.qweight4", p.data),
             self.const(f"{name}.scales", p.scales),
             self.const(f"{name}.mins", p.mins),
-            domain=EDGESLM_DOMAIN,
+        ]
+        return self.node(
+            "MatMulQ4",
+            [x, *weights, *extra],
             name=name,
+            domain=EDGESLM_DOMAIN,
             K=p.k,
             N=p.n,
-            **({"activation": activation} if activation else {}),
-        )
+            **attrs,
+        )[0]
 
     def linear_q(
         self,
@@ -235,21 +261,25 @@ class GraphBuilder:
         prefix: str = "",
         output: str | None = None,
         activation: int = NO_ACTIVATION,
+        norm: Norm | None = None,
+        residual: str | None = None,
     ) -> str:
-        """`MatMulQ8` over int8 blocks (`prefix`: reuse weights stored under it)."""
+        """`MatMulQ8` over int8 blocks (`prefix`: reuse weights stored under it).
+        `activation`, `norm`, `residual`: as in `linear`."""
         packed = q if isinstance(q, PackedQ8) else pack_q8(q)
         data, scales = self.q8_consts(prefix or name, packed, stored=bool(prefix))
         self.domains.add(EDGESLM_DOMAIN)
+        extra, attrs = _fused_inputs(activation, norm, residual)
         return self.node(
             "MatMulQ8",
-            [x, data, scales],
+            [x, data, scales, *extra],
             name=name,
             outputs=[output] if output else None,
             domain=EDGESLM_DOMAIN,
             K=packed.k,
             N=packed.n,
             block_size=packed.block_size,
-            **({"activation": activation} if activation else {}),
+            **attrs,
         )[0]
 
     def q8_consts(
@@ -262,17 +292,39 @@ class GraphBuilder:
             self.const(scales, p.scales)  # (n_groups, n_blocks, 16) float16
         return data, scales
 
-    def embedding_packed(
-        self, ids: str, p: PackedQ8, stem: str, ids_rank: int = 2
-    ) -> str:
+    def embedding_packed(self, ids: str, p: PackedQ8, stem: str) -> str:
         """Rows `ids` of a table stored for `MatMulQ8` (shared with a tied output
-        projection), dequantized: `(*ids.shape, K)` float.
+        projection), dequantized: `(*ids.shape, K)` float, by edgeslm's `GatherQ8`
+        (kernels/ort_embed.c); the portable graph spells it with standard ops."""
+        data, scales = self.q8_consts(stem, p)
+        self.domains.add(EDGESLM_DOMAIN)
+        return self.node(
+            "GatherQ8",
+            [ids, data, scales],
+            name=f"{stem}.gather",
+            domain=EDGESLM_DOMAIN,
+            K=p.k,
+            N=p.n,
+            block_size=p.block_size,
+        )[0]
+
+    def gather_packed_ops(
+        self,
+        ids: str,
+        tables: tuple[str, str],
+        sizes: tuple[int, int, int],
+        stem: str,
+        ids_rank: int = 2,
+    ) -> str:
+        """What `GatherQ8` computes, in standard ONNX ops: rows `ids` of the packed
+        `tables` (data, scales) of `sizes` (K, padded K, block length).
 
         Row t is lane t % 16 of group t // 16: the group's data and scales are
         gathered whole (16 rows, a few kB per token), then the lane is picked.
         """
-        data, scales = self.q8_consts(stem, p)
-        n_blocks = p.kp // p.block_size
+        data, scales = tables
+        k, kp, block_size = sizes
+        n_blocks = kp // block_size
         sixteen = self.shared_const("q8.group", _i64(Q8_GROUP))
         group = self.op("Div", ids, sixteen)
         lane = self.op("Mod", ids, sixteen)
@@ -284,16 +336,16 @@ class GraphBuilder:
             index = self.op("Expand", at, self._shape_like_ids(ids, tail))
             return self.op("GatherElements", rows, index, axis=ids_rank + 1)
 
-        rows = pick(data, [p.kp // 4, 1, 4])  # (*ids, kp / 4, 1, 4) uint8
+        rows = pick(data, [kp // 4, 1, 4])  # (*ids, kp / 4, 1, 4) uint8
         row_scales = pick(scales, [n_blocks, 1])  # (*ids, n_blocks, 1) float16
         values = self.op(
             "Sub",
             self.op("Cast", rows, to=FLOAT),
             self.shared_const("q8.zero_point", np.array(INT8_ZERO_POINT, np.float32)),
         )
-        blocks = self._like_ids(values, ids, [n_blocks, p.block_size])
+        blocks = self._like_ids(values, ids, [n_blocks, block_size])
         scaled = self.op("Mul", blocks, self.op("Cast", row_scales, to=FLOAT))
-        return self._rows_to_width(scaled, ids, p.kp, p.k, stem)
+        return self._rows_to_width(scaled, ids, kp, k, stem)
 
     def embedding_rows(self, ids: str, q: BlockQuantized, stem: str) -> str:
         """Rows `ids` of a row-major int8 table, dequantized: `(*ids.shape, K)`."""
@@ -354,15 +406,30 @@ def _i64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def _fused_inputs(
+    activation: int, norm: Norm | None, residual: str | None
+) -> tuple[list[str], dict[str, object]]:
+    """The optional inputs (gamma, R) and attributes of a quantized product's node;
+    trailing absent inputs are left out, so a plain product keeps its three."""
+    extra = [norm[0] if norm else "", residual or ""]
+    while extra and not extra[-1]:
+        extra.pop()
+    attrs: dict[str, object] = {"activation": activation} if activation else {}
+    if norm:
+        attrs["epsilon"] = float(norm[1])
+    return extra, attrs
+
+
 # --- the portable graph -------------------------------------------------------------
 
 
 def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """A copy of `model` with onnxruntime's own operators for edgeslm's: `MatMulNBits`
-    for every `MatMulQ8` (followed by Split, Sigmoid and Mul for a SwiGLU one, which
-    also replace a `SwiGLU` node), `GroupQueryAttention` for every `CachedAttention`;
-    None when
-    the model has `MatMulQ4` nodes (4-bit packages need the kernel).
+    """A copy of `model` with onnxruntime's own operators for edgeslm's:
+    `MatMulNBits` for every `MatMulQ8` (after a `SimplifiedLayerNormalization` for
+    a folded norm; followed by Split, Sigmoid and Mul for a SwiGLU one, which also
+    replace a `SwiGLU` node, and by an Add for a residual), `GroupQueryAttention`
+    for every `CachedAttention`, Gather and friends for `GatherQ8`; None when the
+    model has `MatMulQ4` nodes (4-bit packages need the kernel).
 
     The packed weights are not copied: small ops undo the interleaving (reshape,
     transpose, slice off the padding rows, cast the scales to float32), and
@@ -386,6 +453,10 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
         if node.op_type == "SwiGLU":
             nodes.extend(_swiglu_nodes(node.input[0], node.output[0], node.name))
             continue
+        if node.op_type == "GatherQ8":
+            ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in out.graph.input}
+            _gather_nodes(node, attrs, ranks.get(node.input[0], 2), nodes, consts)
+            continue
         if node.op_type == "CachedAttention":
             rotary = {"rotary_interleaved": 0} if attrs.get("do_rotary") else {}
             nodes.append(
@@ -401,10 +472,26 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
             )
             continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-        x, data, scales = node.input
+        x, data, scales, *extra = node.input
+        gamma, residual = (list(extra) + ["", ""])[:2]
+        if gamma:  # the folded RMS norm, as its own node again
+            normed = f"{node.name}/normed"
+            nodes.append(
+                helper.make_node(
+                    "SimplifiedLayerNormalization",
+                    [x, gamma],
+                    [normed],
+                    name=normed,
+                    axis=-1,
+                    epsilon=attrs.get("epsilon", 1e-5),
+                )
+            )
+            x = normed
+        # The result before the residual add, when there is one.
+        result = f"{node.name}/sum_less" if residual else node.output[0]
         # With SwiGLU, MatMulNBits writes the whole product and ops combine it.
         swiglu = attrs.get("activation", NO_ACTIVATION) == SWIGLU
-        output = f"{node.name}/gate_up" if swiglu else node.output[0]
+        output = f"{node.name}/gate_up" if swiglu else result
         if (data, scales) not in unpacked:
             unpacked[(data, scales)] = _unpack_q8(
                 nodes, consts, data, scales, k, n, block
@@ -437,7 +524,13 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
                 )
             )
         if swiglu:
-            nodes.extend(_swiglu_nodes(output, node.output[0], node.name))
+            nodes.extend(_swiglu_nodes(output, result, node.name))
+        if residual:
+            nodes.append(
+                helper.make_node(
+                    "Add", [residual, result], [node.output[0]], name=f"{node.name}/add"
+                )
+            )
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(consts)
@@ -445,6 +538,39 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
     del out.opset_import[:]
     out.opset_import.extend(kept)
     return out
+
+
+def _gather_nodes(
+    node: onnx.NodeProto,
+    attrs: dict,
+    ids_rank: int,
+    nodes: list[onnx.NodeProto],
+    consts: list[onnx.TensorProto],
+) -> None:
+    """Appends standard ops computing a `GatherQ8` node's rows (`gather_packed_ops`),
+    their names prefixed with the node's so they cannot meet the graph's own."""
+    ids, data, scales = node.input
+    k, block = attrs["K"], attrs["block_size"]
+    b = GraphBuilder("int8", block)
+    rows = b.gather_packed_ops(
+        ids, (data, scales), (k, -(-k // block) * block, block), node.name, ids_rank
+    )
+    keep = {ids, data, scales}
+
+    def rename(name: str) -> str:
+        return name if name in keep or not name else f"{node.name}/{name}"
+
+    for op in b.nodes:
+        op.name = rename(op.name)
+        op.input[:] = [rename(i) for i in op.input]
+        op.output[:] = [rename(o) for o in op.output]
+    for init in b.initializers:
+        init.name = rename(init.name)
+    nodes.extend(b.nodes)
+    consts.extend(b.initializers)
+    nodes.append(
+        helper.make_node("Identity", [rename(rows)], [node.output[0]], name=node.name)
+    )
 
 
 def _swiglu_nodes(both: str, result: str, stem: str) -> list[onnx.NodeProto]:
