@@ -366,9 +366,10 @@ def test_swiglu_operator_after_a_product_that_cannot_hold_it(lib, dtype):
     portable = portable_model(model)
     assert "SwiGLU" not in {n.op_type for n in portable.graph.node}
     theirs, _ = _session(portable, ops=False).run(None, {"x": x})
-    np.testing.assert_allclose(
-        theirs, y, rtol=1e-2 if dtype == "int8" else 1e-5, atol=1e-4
-    )
+    # int8: as in test_portable_graph_runs_without_the_operator (a Pi 4 computes the
+    # portable graph in fp32, so its activations are not rounded to int8 first).
+    rel = np.linalg.norm(theirs - y) / np.linalg.norm(y)
+    assert rel < (2e-2 if dtype == "int8" else 1e-5), rel
 
 
 def test_swiglu_operator_refuses_an_odd_width(lib):
