@@ -416,6 +416,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--chart-title", help="the chart's title (default: the workload)")
     args = p.parse_args(argv)
     _harness.check_common_args(p, args)
+    if args.chart and not _importable("matplotlib"):
+        p.error("--chart needs matplotlib: pip install -e '.[bench]'")
     if not args.edgeslm_dtype and not args.edgeslm_package:
         p.error("give at least one --edgeslm-dtype or --edgeslm-package")
     if args.fidelity_prompts < 0:
@@ -524,16 +526,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCommand: python tools/bench/compare.py {shlex.join(argv)}")
     print(machine_line(env))
 
-    if args.chart and results:
-        from _chart import write_chart
-
-        title = args.chart_title or (
-            f"{prep.stem}: {args.prompt_tokens}-token prompt, "
-            f"{args.decode_tokens} decode steps, medians of {args.runs}"
-        )
-        write_chart(Path(args.chart), rows, summary, args.threads, title)
-        log.info("chart written to %s", args.chart)
-
     if args.json:
         _harness.write_json(
             args.json,
@@ -552,6 +544,16 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": time.time() - started,
             },
         )
+    if args.chart and results:
+        from _chart import write_chart
+
+        title = args.chart_title or (
+            f"{prep.stem}: {args.prompt_tokens}-token prompt, "
+            f"{args.decode_tokens} decode steps, medians of {args.runs}"
+        )
+        write_chart(Path(args.chart), rows, summary, args.threads, title)
+        log.info("chart written to %s", args.chart)
+
     return 0
 
 
