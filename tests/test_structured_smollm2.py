@@ -257,6 +257,38 @@ WEATHER = {
 }
 
 
+def test_auto_tool_choice_grammar_takes_a_call_or_an_answer_and_nothing_else(model):
+    # "auto" lets the model call or answer; which it does is the model's choice, so
+    # the grammar itself is what is checked here, with texts written for it.
+    from edgeslm.constraints import ConstraintError
+    from edgeslm.structured import Tool, _tool_grammar, tool_call_format
+
+    fmt, _ = tool_call_format(model)
+    tools = [Tool.from_spec(LIGHT), Tool.from_spec(WEATHER)]
+    engine, tokenizer = engine_for(model), model.tokenizer
+
+    def accepts(choice: str, text: str) -> bool:
+        guide = engine.compile(_tool_grammar(model, tools, choice, fmt))
+        try:
+            guide.advance(tokenizer.encode(text))
+        except ConstraintError:
+            return False
+        return guide.complete
+
+    call = fmt.render("set_light", {"room": "kitchen", "on": True})
+    answer = "The kitchen light is on the left of the door."
+    assert accepts("auto", call) and accepts("auto", answer)
+    assert accepts("required", call) and not accepts("required", answer)
+    assert accepts("none", answer) and not accepts("none", call)
+    for bad in (
+        fmt.render("set_light", {"room": "garage", "on": True}),  # not in the enum
+        fmt.render("open_door", {}),  # no such tool
+        fmt.prefix + answer,  # begins like a call, then is not one
+        " " + answer,  # a plain answer may not start with whitespace
+    ):
+        assert not accepts("auto", bad), bad
+
+
 @pytest.fixture
 def prompts(model, monkeypatch):
     """The prompts `model.generate` receives, in order."""
