@@ -2,7 +2,8 @@
 
     edgeslm bridge --config bridge.yaml        (docs/BRIDGE.md)
 
-Modules: `service` (the bridge: MQTT in and out, the worker, delivery), `requests`
+Modules: `service` (the bridge: MQTT in and out, the worker), `intake` (messages to
+recognized requests) and `delivery` (commands on the wire, acks, replies), `requests`
 (what the command topic accepts), `recognizer` (text to intent), `commands` (the
 safety gate against the registry), `adapters` (JSON protocol, Zigbee2MQTT, Tasmota,
 Home Assistant discovery), `store` (the SQLite outbound queue), `hermes` (Rhasspy's
