@@ -78,6 +78,7 @@ class KVDesc(ctypes.Structure):
         ("rotary_dim", ctypes.c_int32),
         ("length", ctypes.c_int32),
         ("rope_theta", ctypes.c_double),
+        ("half", ctypes.c_int32),
     ]
 
 
@@ -108,6 +109,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     # x, m, k, packed nibbles, scales, minimums, n, y
     "esl_qmm4_matmul": (_I32, [_P, _I64, _I64, _P, _P, _P, _I64, _P]),
     "esl_qmm_half": (ctypes.c_float, [ctypes.c_uint16]),
+    "esl_qmm_to_half": (ctypes.c_uint16, [ctypes.c_float]),
     # gate, up, y, count, simd
     "esl_swiglu": (None, [_P, _P, _P, _I64, _I32]),
 }

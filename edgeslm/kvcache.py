@@ -1,8 +1,9 @@
-"""The key/value cache: one preallocated float32 buffer the attention ops write into.
+"""The key/value cache: one preallocated buffer the attention ops write into.
 
 Owns: the buffer layout `(n_layers, 2, n_kv_heads, max_seq_len, head_dim)` (index 0 =
-keys, stored after rotary embedding; 1 = values) in memory that becomes resident only
-where positions are written, the valid `length`, context shifting
+keys, stored after rotary embedding; 1 = values), float32 or float16 (half the
+memory, and what quantized packages' graphs take), in memory that becomes resident
+only where positions are written, the valid `length`, context shifting
 (drop a span of positions, move the rest down and re-rotate the moved keys) and the
 versioned save/load file format. Shift, save and load run in the C kernel when it is
 available; the numpy code beside them is the reference they are tested against.
@@ -14,7 +15,7 @@ With `rope_theta=None` (learned absolute positions, GPT-2 style) `shift` only mo
 data: the moved entries keep the positions they were computed at, and choosing position
 ids after a shift is the caller's problem.
 
-Does not do yet: int8/fp16 caches, paged or batched caches, sliding-window layers,
+Does not do yet: int8 caches, paged or batched caches, sliding-window layers,
 big-endian hosts (the file format is little-endian and the payload is written raw).
 """
 
@@ -40,6 +41,9 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIiiiiiidqI")  # 60 bytes, then the header CRC-32
 _HEADER_BYTES = 64
 _DTYPE_F32 = 1
+_DTYPE_F16 = 2
+# The element types a cache may have, and their codes in the file format.
+_FILE_DTYPES = {np.dtype(np.float32): _DTYPE_F32, np.dtype(np.float16): _DTYPE_F16}
 _DIM_MAX = 1 << 24
 _MAP_BYTES = 1 << 20  # smaller caches stay ordinary numpy arrays
 # TODO: byte-swap the payload on big-endian hosts; no supported board is big-endian.
@@ -63,8 +67,8 @@ class _FormatProblem(Exception):
         self.detail = detail
 
 
-def _zeroed(shape: tuple[int, ...]) -> np.ndarray:
-    """A zeroed float32 array whose memory becomes resident only where it is written.
+def _zeroed(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zeroed array whose memory becomes resident only where it is written.
 
     numpy asks for transparent huge pages on large arrays, and a cache is written one
     position at a time across every (layer, kind, head) strip: with 2 MiB pages the
@@ -72,16 +76,16 @@ def _zeroed(shape: tuple[int, ...]) -> np.ndarray:
     anonymous mapping with huge pages declined costs 4 KiB pages only where positions
     are used. Elsewhere (no `MAP_PRIVATE`, e.g. Windows) it is `np.zeros`.
     """
-    nbytes = math.prod(shape) * 4
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _MAP_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
-        return np.zeros(shape, dtype=np.float32)
+        return np.zeros(shape, dtype=dtype)
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # anonymous, zeroed
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         try:
             buffer.madvise(mmap.MADV_NOHUGEPAGE)
         except OSError:  # a kernel without transparent huge pages refuses the advice
             pass
-    return np.frombuffer(buffer, dtype=np.float32).reshape(shape)
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def _positive_int(name: str, value: object, upper: int = _DIM_MAX) -> int:
@@ -96,8 +100,9 @@ class KVCache:
     """Preallocated KV cache for one sequence.
 
     Attributes:
-        data: float32 array (n_layers, 2, n_kv_heads, max_seq_len, head_dim),
-            allocated once; onnxruntime binds views of it as past/present.
+        data: float32 or float16 array (n_layers, 2, n_kv_heads, max_seq_len,
+            head_dim), allocated once; onnxruntime binds views of it as past/present.
+        dtype: its element type.
         length: Number of valid positions, [0, max_seq_len].
         backend: "c" or "numpy": which implementation shift/save/load use.
     """
@@ -111,6 +116,7 @@ class KVCache:
         *,
         rope_theta: float | None,
         rotary_dim: int | None = None,
+        dtype: object = np.float32,
         backend: str = "auto",
     ) -> None:
         """Allocates a zeroed cache.
@@ -123,6 +129,8 @@ class KVCache:
             rope_theta: RoPE base (e.g. 10000.0), or None for learned positions.
             rotary_dim: Leading dims that rotate (even, <= head_dim); None = head_dim
                 with RoPE, 0 without.
+            dtype: float32 or float16 (rounded to nearest even as values are
+                written; shifts rotate in float64 and round back).
             backend: "auto", "c" or "numpy" (see `edgeslm._kernel`).
 
         Raises:
@@ -155,9 +163,15 @@ class KVCache:
                 )
             self.rope_theta = theta
             self.rotary_dim = int(rd)
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            self.dtype = None
+        if self.dtype not in _FILE_DTYPES:
+            raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
         self.backend: str = _kernel.resolve_backend(backend)
         shape = (self.n_layers, 2, self.n_kv_heads, self.max_seq_len, self.head_dim)
-        self.data: np.ndarray = _zeroed(shape)
+        self.data: np.ndarray = _zeroed(shape, self.dtype)
         self.length = 0
         half = self.rotary_dim // 2
         # Reused by every shift: inverse frequencies and the (cos, sin) table.
@@ -215,6 +229,7 @@ class KVCache:
         d.rotary_dim = self.rotary_dim
         d.length = self.length if length is None else length
         d.rope_theta = self.rope_theta or 0.0
+        d.half = int(self.dtype == np.float16)
         return d
 
     # -- shift ----------------------------------------------------------------------
@@ -328,7 +343,7 @@ class KVCache:
                     geometry, n_tokens = _read_header_reference(f)
         except _FormatProblem as p:
             raise _format_error(path, p) from None
-        n_layers, heads, saved_max, head_dim, rd, length, theta = geometry
+        n_layers, heads, saved_max, head_dim, rd, length, theta, dtype = geometry
         capacity = saved_max if max_seq_len is None else max_seq_len
         if capacity < length:
             raise ValueError(
@@ -341,6 +356,7 @@ class KVCache:
             head_dim,
             rope_theta=theta if rd else None,
             rotary_dim=rd if rd else None,
+            dtype=dtype,
             backend=chosen,
         )
         tokens = np.zeros(n_tokens, dtype=np.int32)
@@ -397,6 +413,7 @@ def _read_header_c(path: str) -> tuple[tuple, int]:
         desc.rotary_dim,
         desc.length,
         desc.rope_theta,
+        np.float16 if desc.half else np.float32,
     )
     return geometry, int(n_tokens.value)
 
@@ -413,7 +430,8 @@ def _shift_reference(
     cos_sin: np.ndarray,
     rotary_dim: int,
 ) -> None:
-    """numpy twin of esl_kv_shift (same float64 arithmetic, rounded to float32)."""
+    """numpy twin of esl_kv_shift (same float64 arithmetic, rounded to float32 and
+    then, for a float16 cache, to float16, as the C code rounds)."""
     moved = length - keep - drop
     if moved <= 0:
         return
@@ -424,8 +442,8 @@ def _shift_reference(
         a = k[..., :half].astype(np.float64)
         b = k[..., half:rotary_dim].astype(np.float64)
         c, s = cos_sin[0::2], cos_sin[1::2]
-        k[..., :half] = (a * c - b * s).astype(np.float32)
-        k[..., half:rotary_dim] = (a * s + b * c).astype(np.float32)
+        k[..., :half] = (a * c - b * s).astype(np.float32).astype(data.dtype)
+        k[..., half:rotary_dim] = (a * s + b * c).astype(np.float32).astype(data.dtype)
 
 
 def _header_bytes(cache: KVCache, n_tokens: int) -> bytes:
@@ -441,7 +459,7 @@ def _header_bytes(cache: KVCache, n_tokens: int) -> bytes:
         cache.length,
         cache.rope_theta or 0.0,
         n_tokens,
-        _DTYPE_F32,
+        _FILE_DTYPES[cache.dtype],
     )
     return head + struct.pack("<I", zlib.crc32(head))
 
@@ -456,7 +474,8 @@ def _save_reference(cache: KVCache, path: str, tokens: np.ndarray) -> None:
         for layer in range(cache.n_layers):
             for kv in range(2):
                 for h in range(cache.n_kv_heads):
-                    chunk = cache.data[layer, kv, h, : cache.length].astype("<f4")
+                    chunk = cache.data[layer, kv, h, : cache.length]
+                    chunk = chunk.astype(chunk.dtype.newbyteorder("<"))
                     raw = chunk.tobytes()
                     crc = zlib.crc32(raw, crc)
                     f.write(raw)
@@ -487,7 +506,8 @@ def _read_header_reference(f) -> tuple[tuple, int]:
     fields = _HEADER.unpack_from(raw)
     (crc,) = struct.unpack_from("<I", raw, 60)
     _, _, hbytes, n_layers, heads, max_seq, head_dim, rd, length, theta, nt, dt = fields
-    if crc != zlib.crc32(raw[:60]) or hbytes != _HEADER_BYTES or dt != _DTYPE_F32:
+    dtypes = {code: dtype for dtype, code in _FILE_DTYPES.items()}
+    if crc != zlib.crc32(raw[:60]) or hbytes != _HEADER_BYTES or dt not in dtypes:
         raise _FormatProblem(_kernel.ERR_BAD_HEADER)
     dims_ok = all(1 <= v <= _DIM_MAX for v in (n_layers, heads, max_seq, head_dim))
     rope_ok = (theta > 0.0 and math.isfinite(theta)) if rd > 0 else theta == 0.0
@@ -500,13 +520,14 @@ def _read_header_reference(f) -> tuple[tuple, int]:
         and 0 <= nt <= 2**31 - 1
     ):
         raise _FormatProblem(_kernel.ERR_BAD_HEADER)
-    expect = _HEADER_BYTES + 4 * nt + 4 * n_layers * 2 * heads * length * head_dim + 4
+    values = n_layers * 2 * heads * length * head_dim
+    expect = _HEADER_BYTES + 4 * nt + dtypes[dt].itemsize * values + 4
     size = os.fstat(f.fileno()).st_size
     if size < expect:
         raise _FormatProblem(_kernel.ERR_TRUNCATED, f"{size} of {expect} bytes")
     if size > expect:
         raise _FormatProblem(_kernel.ERR_TRAILING, f"{size - expect} extra bytes")
-    return (n_layers, heads, max_seq, head_dim, rd, length, theta), nt
+    return (n_layers, heads, max_seq, head_dim, rd, length, theta, dtypes[dt]), nt
 
 
 def _load_reference(cache: KVCache, path: str, length: int, tokens: np.ndarray) -> None:
@@ -522,8 +543,9 @@ def _load_reference(cache: KVCache, path: str, length: int, tokens: np.ndarray) 
         for layer in range(cache.n_layers):
             for kv in range(2):
                 for h in range(cache.n_kv_heads):
-                    raw = f.read(4 * length * cache.head_dim)
-                    chunk = np.frombuffer(raw, dtype="<f4").reshape(length, -1)
+                    raw = f.read(cache.dtype.itemsize * length * cache.head_dim)
+                    wire = cache.dtype.newbyteorder("<")
+                    chunk = np.frombuffer(raw, dtype=wire).reshape(length, -1)
                     cache.data[layer, kv, h, :length] = chunk
                     crc = zlib.crc32(raw, crc)
         (stored,) = struct.unpack("<I", f.read(4))

@@ -36,8 +36,9 @@ FORMAT_VERSION = 1
 # layers as edgeslm's MatMulQ8 operator, with a portable graph beside it; 3: int4
 # layers as MatMulQ4 and attention as edgeslm's CachedAttention; 4: SwiGLU fused
 # into the gate + up projection (the operators' activation=1); 5: the RMS norms and
-# residual adds of Llama blocks done by the products (their gamma and R inputs).
-EXPORT_VERSION = 5
+# residual adds of Llama blocks done by the products (their gamma and R inputs);
+# 6: quantized graphs keep their KV cache in float16.
+EXPORT_VERSION = 6
 
 
 @dataclass(frozen=True)

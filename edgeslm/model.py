@@ -105,6 +105,7 @@ class Model:
             self.config.head_dim,
             # Learned positions (GPT-2): a shift only moves data, see _Run._step.
             rope_theta=self.config.rope_theta if self._rotary else None,
+            dtype=_cache_dtype(self._session),
         )
         self._tokens: list[int] = []  # what the cache holds, position by position
         self._n_keep = 0  # tokens a context shift keeps
@@ -524,6 +525,16 @@ class _Run:
             model.cache.shift(keep, drop)
             del model._tokens[keep : keep + drop]
         return kept
+
+
+def _cache_dtype(session) -> type:
+    """The element type of the KV cache the graph takes: float16 in quantized
+    packages' own graphs (export version 6), float32 elsewhere (fp32 packages, the
+    portable graph, older packages)."""
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            return np.float16 if value.type == "tensor(float16)" else np.float32
+    raise ModelFormatError("the graph has no past_key_values inputs; re-export it")
 
 
 def _guide(model: Model, options: dict[str, Any], ignore_eos: bool) -> Guide | None:

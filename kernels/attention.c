@@ -5,7 +5,9 @@
  * present the same buffer), without its per-call overhead, which was an eighth of a
  * decode step on SmolLM2:
  *   qkv     [s][(n_heads + 2 * n_kv_heads) * head_dim]   the new tokens' projections
- *   cache   keys and values [n_kv_heads][max_seq][head_dim] each, float32
+ *   cache   keys and values [n_kv_heads][max_seq][head_dim] each, float32 or IEEE
+ *           half (kv_half: half the memory and the bytes a step reads; every product
+ *           and sum is still float32, the halves converted exactly as they are read)
  *   out     [s][n_heads * head_dim]
  * The new tokens sit at positions total - s .. total - 1. With RoPE (rotate-half, as
  * Hugging Face's Llama), their queries and keys are rotated by the tables
@@ -25,40 +27,89 @@
 
 /* ---- small vector routines, one per ISA (x[n], n a multiple of 4) ----------------- */
 
+/*
+ * Each ISA's routines are written once over the cache's element type KT, with LOAD
+ * turning KT values into float lanes (exact for halves: F16C, NEON's fcvtl, or
+ * esl__half), so a float32 and a float16 cache run the same operations in the same
+ * order on the same floats.
+ */
+static inline float float_of(float x) { return x; }
+
 #if ESL_HAVE_AVX2_CODE
-ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE float dot_avx2(const float *a, const float *b, int64_t n)
+ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE __m256 load8f_avx2(const float *p)
 {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-    }
-    for (; i + 8 <= n; i += 8)
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc0 = _mm256_add_ps(acc0, acc1);
-    {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
-        float total;
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        total = _mm_cvtss_f32(s);
-        for (; i < n; i++)
-            total += a[i] * b[i];
-        return total;
-    }
+    return _mm256_loadu_ps(p);
 }
 
-ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE void axpy_avx2(float *y, float a, const float *x, int64_t n)
+ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE __m256 load8h_avx2(const uint16_t *p)
 {
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
-                                                _mm256_loadu_ps(y + i)));
-    for (; i < n; i++)
-        y[i] += a * x[i];
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
+
+/*
+ * dot(a, b), y += a * x, and weighted_64: o = sum over t of (p[t] * inv) v[t] for
+ * head_dim a multiple of 64, the output held in 8 registers per 64 dims instead of
+ * memory (the same fused multiply-adds in the same order as axpy key after key, so
+ * the same bits).
+ */
+#define ESL_DEFINE_AVX2_ROUTINES(SUFFIX, KT, LOAD8, SCALAR)                                  \
+    ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE float dot_##SUFFIX(const float *a, const KT *b,  \
+                                                          int64_t n)                       \
+    {                                                                                      \
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                     \
+        __m128 s;                                                                          \
+        float total;                                                                       \
+        int64_t i = 0;                                                                     \
+        for (; i + 16 <= n; i += 16) {                                                     \
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), LOAD8(b + i), acc0);            \
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), LOAD8(b + i + 8), acc1);    \
+        }                                                                                  \
+        for (; i + 8 <= n; i += 8)                                                         \
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), LOAD8(b + i), acc0);            \
+        acc0 = _mm256_add_ps(acc0, acc1);                                                  \
+        s = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));      \
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                            \
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));                                             \
+        total = _mm_cvtss_f32(s);                                                          \
+        for (; i < n; i++)                                                                 \
+            total += a[i] * SCALAR(b[i]);                                                  \
+        return total;                                                                      \
+    }                                                                                      \
+    ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE void axpy_##SUFFIX(float *y, float a, const KT *x, \
+                                                          int64_t n)                       \
+    {                                                                                      \
+        const __m256 va = _mm256_set1_ps(a);                                               \
+        int64_t i = 0;                                                                     \
+        for (; i + 8 <= n; i += 8)                                                         \
+            _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, LOAD8(x + i), _mm256_loadu_ps(y + i))); \
+        for (; i < n; i++)                                                                 \
+            y[i] += a * SCALAR(x[i]);                                                      \
+    }                                                                                      \
+    ESL_TARGET_QMM_AVX2 static void weighted_64_##SUFFIX(float *o, const float *p, float inv, \
+                                                         const KT *v, int64_t n, int64_t dim) \
+    {                                                                                      \
+        int64_t c, t;                                                                      \
+        int j;                                                                             \
+        for (c = 0; c < dim; c += 64) {                                                    \
+            __m256 acc[8];                                                                 \
+            ESL_UNROLL                                                                     \
+            for (j = 0; j < 8; j++)                                                        \
+                acc[j] = _mm256_setzero_ps();                                              \
+            for (t = 0; t < n; t++) {                                                      \
+                const __m256 w = _mm256_set1_ps(p[t] * inv);                               \
+                const KT *vt = v + t * dim + c;                                            \
+                ESL_UNROLL                                                                 \
+                for (j = 0; j < 8; j++)                                                    \
+                    acc[j] = _mm256_fmadd_ps(w, LOAD8(vt + 8 * j), acc[j]);                \
+            }                                                                              \
+            ESL_UNROLL                                                                     \
+            for (j = 0; j < 8; j++)                                                        \
+                _mm256_storeu_ps(o + c + 8 * j, acc[j]);                                   \
+        }                                                                                  \
+    }
+
+ESL_DEFINE_AVX2_ROUTINES(avx2, float, load8f_avx2, float_of)
+ESL_DEFINE_AVX2_ROUTINES(h_avx2, uint16_t, load8h_avx2, esl__half)
 
 /*
  * exp(x) for x <= 0 in 8 lanes: 2^(x log2 e) split into an integer power, set in the
@@ -84,34 +135,6 @@ ESL_TARGET_QMM_AVX2 static __m256 exp_avx2(__m256 x)
     p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f));
     k = _mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(k));
-}
-
-/*
- * o = sum over t of (p[t] * inv) v[t] for head_dim a multiple of 64, the output held in
- * 8 registers per 64 dims instead of memory: the same fused multiply-adds in the same
- * order as axpy_avx2 key after key, so the same bits.
- */
-ESL_TARGET_QMM_AVX2 static void weighted_64_avx2(float *o, const float *p, float inv,
-                                                 const float *v, int64_t n, int64_t dim)
-{
-    int64_t c, t;
-    int j;
-    for (c = 0; c < dim; c += 64) {
-        __m256 acc[8];
-        ESL_UNROLL
-        for (j = 0; j < 8; j++)
-            acc[j] = _mm256_setzero_ps();
-        for (t = 0; t < n; t++) {
-            const __m256 w = _mm256_set1_ps(p[t] * inv);
-            const float *vt = v + t * dim + c;
-            ESL_UNROLL
-            for (j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), acc[j]);
-        }
-        ESL_UNROLL
-        for (j = 0; j < 8; j++)
-            _mm256_storeu_ps(o + c + 8 * j, acc[j]);
-    }
 }
 
 /* scores[t] = exp(scores[t] - max); returns their sum. */
@@ -143,53 +166,63 @@ ESL_TARGET_QMM_AVX2 static float softmax_exp_avx2(float *scores, int64_t n, floa
 #endif
 
 #if ESL_HAVE_NEON
-ESL_ALWAYS_INLINE float dot_neon(const float *a, const float *b, int64_t n)
+ESL_ALWAYS_INLINE float32x4_t load4f_neon(const float *p) { return vld1q_f32(p); }
+
+/* 4 halves as floats (exact; ARMv8.0 has the conversion). */
+ESL_ALWAYS_INLINE float32x4_t load4h_neon(const uint16_t *p)
 {
-    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
-    float total;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
-        acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
-    }
-    total = vaddvq_f32(vaddq_f32(acc0, acc1));
-    for (; i < n; i++)
-        total += a[i] * b[i];
-    return total;
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
 }
 
-ESL_ALWAYS_INLINE void axpy_neon(float *y, float a, const float *x, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4)
-        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
-    for (; i < n; i++)
-        y[i] += a * x[i];
-}
-
-/* weighted_64_avx2's NEON twin: 16 quad registers per 64 dims, as axpy_neon's order. */
-static void weighted_64_neon(float *o, const float *p, float inv, const float *v, int64_t n,
-                             int64_t dim)
-{
-    int64_t c, t;
-    int j;
-    for (c = 0; c < dim; c += 64) {
-        float32x4_t acc[16];
-        ESL_UNROLL16
-        for (j = 0; j < 16; j++)
-            acc[j] = vdupq_n_f32(0.0f);
-        for (t = 0; t < n; t++) {
-            const float w = p[t] * inv;
-            const float *vt = v + t * dim + c;
-            ESL_UNROLL16
-            for (j = 0; j < 16; j++)
-                acc[j] = vfmaq_n_f32(acc[j], vld1q_f32(vt + 4 * j), w);
-        }
-        ESL_UNROLL16
-        for (j = 0; j < 16; j++)
-            vst1q_f32(o + c + 4 * j, acc[j]);
+/* The AVX2 routines' NEON twins: weighted_64 holds 16 quad registers per 64 dims. */
+#define ESL_DEFINE_NEON_ROUTINES(SUFFIX, KT, LOAD4, SCALAR)                                  \
+    ESL_ALWAYS_INLINE float dot_##SUFFIX(const float *a, const KT *b, int64_t n)            \
+    {                                                                                      \
+        float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);                    \
+        float total;                                                                       \
+        int64_t i = 0;                                                                     \
+        for (; i + 8 <= n; i += 8) {                                                       \
+            acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), LOAD4(b + i));                        \
+            acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), LOAD4(b + i + 4));                \
+        }                                                                                  \
+        total = vaddvq_f32(vaddq_f32(acc0, acc1));                                         \
+        for (; i < n; i++)                                                                 \
+            total += a[i] * SCALAR(b[i]);                                                  \
+        return total;                                                                      \
+    }                                                                                      \
+    ESL_ALWAYS_INLINE void axpy_##SUFFIX(float *y, float a, const KT *x, int64_t n)         \
+    {                                                                                      \
+        int64_t i = 0;                                                                     \
+        for (; i + 4 <= n; i += 4)                                                         \
+            vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), LOAD4(x + i), a));              \
+        for (; i < n; i++)                                                                 \
+            y[i] += a * SCALAR(x[i]);                                                      \
+    }                                                                                      \
+    static void weighted_64_##SUFFIX(float *o, const float *p, float inv, const KT *v,      \
+                                     int64_t n, int64_t dim)                               \
+    {                                                                                      \
+        int64_t c, t;                                                                      \
+        int j;                                                                             \
+        for (c = 0; c < dim; c += 64) {                                                    \
+            float32x4_t acc[16];                                                           \
+            ESL_UNROLL16                                                                   \
+            for (j = 0; j < 16; j++)                                                       \
+                acc[j] = vdupq_n_f32(0.0f);                                                \
+            for (t = 0; t < n; t++) {                                                      \
+                const float w = p[t] * inv;                                                \
+                const KT *vt = v + t * dim + c;                                            \
+                ESL_UNROLL16                                                               \
+                for (j = 0; j < 16; j++)                                                   \
+                    acc[j] = vfmaq_n_f32(acc[j], LOAD4(vt + 4 * j), w);                    \
+            }                                                                              \
+            ESL_UNROLL16                                                                   \
+            for (j = 0; j < 16; j++)                                                       \
+                vst1q_f32(o + c + 4 * j, acc[j]);                                          \
+        }                                                                                  \
     }
-}
+
+ESL_DEFINE_NEON_ROUTINES(neon, float, load4f_neon, float_of)
+ESL_DEFINE_NEON_ROUTINES(h_neon, uint16_t, load4h_neon, esl__half)
 
 /* exp(x), x <= 0, 4 lanes: the same scheme as exp_avx2. */
 static float32x4_t exp_neon(float32x4_t x)
@@ -232,21 +265,25 @@ static float softmax_exp_neon(float *scores, int64_t n, float max)
 }
 #endif
 
-ESL_ALWAYS_INLINE float dot_c(const float *a, const float *b, int64_t n)
-{
-    float total = 0.0f;
-    int64_t i;
-    for (i = 0; i < n; i++)
-        total += a[i] * b[i];
-    return total;
-}
+/* The portable routines. */
+#define ESL_DEFINE_C_ROUTINES(SUFFIX, KT, SCALAR)                                            \
+    ESL_ALWAYS_INLINE float dot_##SUFFIX(const float *a, const KT *b, int64_t n)            \
+    {                                                                                      \
+        float total = 0.0f;                                                                \
+        int64_t i;                                                                         \
+        for (i = 0; i < n; i++)                                                            \
+            total += a[i] * SCALAR(b[i]);                                                  \
+        return total;                                                                      \
+    }                                                                                      \
+    ESL_ALWAYS_INLINE void axpy_##SUFFIX(float *y, float a, const KT *x, int64_t n)         \
+    {                                                                                      \
+        int64_t i;                                                                         \
+        for (i = 0; i < n; i++)                                                            \
+            y[i] += a * SCALAR(x[i]);                                                      \
+    }
 
-ESL_ALWAYS_INLINE void axpy_c(float *y, float a, const float *x, int64_t n)
-{
-    int64_t i;
-    for (i = 0; i < n; i++)
-        y[i] += a * x[i];
-}
+ESL_DEFINE_C_ROUTINES(c, float, float_of)
+ESL_DEFINE_C_ROUTINES(h_c, uint16_t, esl__half)
 
 static float softmax_exp_c(float *scores, int64_t n, float max)
 {
@@ -265,15 +302,15 @@ static float softmax_exp_c(float *scores, int64_t n, float max)
  *   scores[t] = dot(q, k[t]) * scale for t < n;
  *   o = sum over t of (p[t] * inv) v[t], key after key.
  */
-#define ESL_DEFINE_HEAD_LOOPS(ISA, TARGET, DOT, AXPY)                                      \
-    TARGET static void scores_##ISA(const float *q, const float *k, int64_t n, int64_t dim, \
+#define ESL_DEFINE_HEAD_LOOPS(ISA, TARGET, DOT, AXPY, KT)                                  \
+    TARGET static void scores_##ISA(const float *q, const KT *k, int64_t n, int64_t dim,    \
                                     float scale, float *scores)                            \
     {                                                                                      \
         int64_t t;                                                                         \
         for (t = 0; t < n; t++)                                                            \
             scores[t] = DOT(q, k + t * dim, dim) * scale;                                  \
     }                                                                                      \
-    TARGET static void weighted_##ISA(float *o, const float *p, float inv, const float *v, \
+    TARGET static void weighted_##ISA(float *o, const float *p, float inv, const KT *v,    \
                                       int64_t n, int64_t dim)                              \
     {                                                                                      \
         int64_t t;                                                                         \
@@ -282,52 +319,58 @@ static float softmax_exp_c(float *scores, int64_t n, float max)
             AXPY(o, p[t] * inv, v + t * dim, dim);                                         \
     }
 
-ESL_DEFINE_HEAD_LOOPS(c, , dot_c, axpy_c)
-#if ESL_HAVE_AVX2_CODE
-ESL_DEFINE_HEAD_LOOPS(avx2_any, ESL_TARGET_QMM_AVX2, dot_avx2, axpy_avx2)
+/* The weighted sum in registers when the head allows it (the same bits either way). */
+#define ESL_DEFINE_WEIGHTED(ISA, TARGET, KT)                                               \
+    TARGET static void weighted_##ISA(float *o, const float *p, float inv, const KT *v,    \
+                                      int64_t n, int64_t dim)                              \
+    {                                                                                      \
+        if (dim % 64 == 0)                                                                 \
+            weighted_64_##ISA(o, p, inv, v, n, dim);                                       \
+        else                                                                               \
+            weighted_##ISA##_any(o, p, inv, v, n, dim);                                    \
+    }
 
-ESL_TARGET_QMM_AVX2 static void weighted_avx2(float *o, const float *p, float inv,
-                                              const float *v, int64_t n, int64_t dim)
-{
-    if (dim % 64 == 0)
-        weighted_64_avx2(o, p, inv, v, n, dim);
-    else
-        weighted_avx2_any(o, p, inv, v, n, dim);
-}
+ESL_DEFINE_HEAD_LOOPS(c, , dot_c, axpy_c, float)
+ESL_DEFINE_HEAD_LOOPS(h_c, , dot_h_c, axpy_h_c, uint16_t)
+#if ESL_HAVE_AVX2_CODE
+ESL_DEFINE_HEAD_LOOPS(avx2_any, ESL_TARGET_QMM_AVX2, dot_avx2, axpy_avx2, float)
+ESL_DEFINE_HEAD_LOOPS(h_avx2_any, ESL_TARGET_QMM_AVX2, dot_h_avx2, axpy_h_avx2, uint16_t)
+ESL_DEFINE_WEIGHTED(avx2, ESL_TARGET_QMM_AVX2, float)
+ESL_DEFINE_WEIGHTED(h_avx2, ESL_TARGET_QMM_AVX2, uint16_t)
 #endif
 #if ESL_HAVE_NEON
-ESL_DEFINE_HEAD_LOOPS(neon_any, , dot_neon, axpy_neon)
-
-static void weighted_neon(float *o, const float *p, float inv, const float *v, int64_t n,
-                          int64_t dim)
-{
-    if (dim % 64 == 0)
-        weighted_64_neon(o, p, inv, v, n, dim);
-    else
-        weighted_neon_any(o, p, inv, v, n, dim);
-}
+ESL_DEFINE_HEAD_LOOPS(neon_any, , dot_neon, axpy_neon, float)
+ESL_DEFINE_HEAD_LOOPS(h_neon_any, , dot_h_neon, axpy_h_neon, uint16_t)
+ESL_DEFINE_WEIGHTED(neon, , float)
+ESL_DEFINE_WEIGHTED(h_neon, , uint16_t)
 #endif
 
 typedef struct vec_ops {
     void (*scores)(const float *, const float *, int64_t, int64_t, float, float *);
     void (*weighted)(float *, const float *, float, const float *, int64_t, int64_t);
+    void (*scores_h)(const float *, const uint16_t *, int64_t, int64_t, float, float *);
+    void (*weighted_h)(float *, const float *, float, const uint16_t *, int64_t, int64_t);
     float (*softmax_exp)(float *, int64_t, float);
 } vec_ops;
 
 /* The vector routines of the matmul's SIMD level (esl_qmm_level). */
 static vec_ops ops_for_level(int32_t level)
 {
-    vec_ops ops = {scores_c, weighted_c, softmax_exp_c};
+    vec_ops ops = {scores_c, weighted_c, scores_h_c, weighted_h_c, softmax_exp_c};
 #if ESL_HAVE_AVX2_CODE
     if (level >= 1) {
         ops.scores = scores_avx2_any;
         ops.weighted = weighted_avx2;
+        ops.scores_h = scores_h_avx2_any;
+        ops.weighted_h = weighted_h_avx2;
         ops.softmax_exp = softmax_exp_avx2;
     }
 #elif ESL_HAVE_NEON
     if (level >= 1) {
         ops.scores = scores_neon_any;
         ops.weighted = weighted_neon;
+        ops.scores_h = scores_h_neon_any;
+        ops.weighted_h = weighted_h_neon;
         ops.softmax_exp = softmax_exp_neon;
     }
 #else
@@ -362,34 +405,43 @@ int32_t esl__attn_check(const esl_attn_desc *d)
 
 /* Contract: see attention.h. */
 void esl__attn_store(const esl_attn_desc *d, const float *qkv, const float *cos_t,
-                     const float *sin_t, float *keys, float *values)
+                     const float *sin_t, void *keys, void *values)
 {
     const int64_t dim = d->head_dim, width = (d->n_heads + 2 * d->n_kv_heads) * dim;
-    int64_t i, h;
+    int64_t i, h, j;
 
     for (i = 0; i < d->s; i++) {
         const int64_t pos = d->total - d->s + i;
         const float *row = qkv + i * width;
         for (h = 0; h < d->n_kv_heads; h++) {
-            float *k = keys + (h * d->max_seq + pos) * dim;
-            float *v = values + (h * d->max_seq + pos) * dim;
+            const int64_t at = (h * d->max_seq + pos) * dim;
+            const float *v = row + (d->n_heads + d->n_kv_heads + h) * dim;
+            float k[ESL_ATTN_MAX_HEAD_DIM];
+
+            /* The key rotated in float, then both stored in the cache's precision. */
             memcpy(k, row + (d->n_heads + h) * dim, (size_t)dim * sizeof(float));
-            memcpy(v, row + (d->n_heads + d->n_kv_heads + h) * dim,
-                   (size_t)dim * sizeof(float));
             if (cos_t)
                 rope(k, cos_t, sin_t, pos, dim / 2);
+            if (!d->kv_half) {
+                memcpy((float *)keys + at, k, (size_t)dim * sizeof(float));
+                memcpy((float *)values + at, v, (size_t)dim * sizeof(float));
+                continue;
+            }
+            for (j = 0; j < dim; j++) {
+                ((uint16_t *)keys)[at + j] = esl__half_from(k[j]);
+                ((uint16_t *)values)[at + j] = esl__half_from(v[j]);
+            }
         }
     }
 }
 
 /* Contract: see attention.h. */
 void esl__attn_head(const esl_attn_desc *d, const float *qkv, const float *cos_t,
-                    const float *sin_t, const float *keys, const float *values, int64_t h,
+                    const float *sin_t, const void *keys, const void *values, int64_t h,
                     int64_t row0, int64_t row1, float *scores, float *out)
 {
     const int64_t dim = d->head_dim, width = (d->n_heads + 2 * d->n_kv_heads) * dim;
-    const int64_t kv = h / (d->n_heads / d->n_kv_heads);
-    const float *k = keys + kv * d->max_seq * dim, *v = values + kv * d->max_seq * dim;
+    const int64_t head0 = h / (d->n_heads / d->n_kv_heads) * d->max_seq * dim;
     const vec_ops ops = ops_for_level(esl_qmm_level());
     int64_t i;
 
@@ -403,12 +455,18 @@ void esl__attn_head(const esl_attn_desc *d, const float *qkv, const float *cos_t
         memcpy(q, qkv + i * width + h * dim, (size_t)dim * sizeof(float));
         if (cos_t)
             rope(q, cos_t, sin_t, pos, dim / 2);
-        ops.scores(q, k, n, dim, d->scale, scores);
+        if (d->kv_half)
+            ops.scores_h(q, (const uint16_t *)keys + head0, n, dim, d->scale, scores);
+        else
+            ops.scores(q, (const float *)keys + head0, n, dim, d->scale, scores);
         for (t = 0; t < n; t++)
             max = scores[t] > max ? scores[t] : max;
         inv = 1.0f / ops.softmax_exp(scores, n, max);
 
         /* The weighted sum of the values. */
-        ops.weighted(o, scores, inv, v, n, dim);
+        if (d->kv_half)
+            ops.weighted_h(o, scores, inv, (const uint16_t *)values + head0, n, dim);
+        else
+            ops.weighted(o, scores, inv, (const float *)values + head0, n, dim);
     }
 }

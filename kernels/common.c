@@ -1,6 +1,10 @@
 /*
- * common.c - status strings, ABI version, SIMD level selection and the PRNG.
+ * common.c - status strings, ABI version, SIMD level selection, the PRNG and the
+ * IEEE half conversions.
  */
+#include <math.h>
+#include <string.h>
+
 #include "edgeslm_kernel.h"
 #include "esl_internal.h"
 
@@ -118,4 +122,58 @@ uint64_t esl__mulhi64(uint64_t a, uint64_t b)
     uint64_t ll = a_lo * b_lo, lh = a_lo * b_hi, hl = a_hi * b_lo, hh = a_hi * b_hi;
     uint64_t mid = (ll >> 32) + (lh & 0xFFFFFFFFu) + (hl & 0xFFFFFFFFu);
     return hh + (lh >> 32) + (hl >> 32) + (mid >> 32);
+}
+
+/* ---- half precision -------------------------------------------------------------- */
+
+/* Contract: see esl_internal.h. */
+float esl__half(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu;
+    uint32_t man = h & 0x3FFu;
+    uint32_t bits;
+    float f;
+
+    if (exp == 0x1Fu) {
+        bits = sign | 0x7F800000u | (man << 13); /* inf or NaN */
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13); /* normal: rebias 15 -> 127 */
+    } else if (man != 0) {
+        int e = -1; /* subnormal: shift the mantissa up to its leading one */
+        do {
+            man <<= 1;
+            e++;
+        } while ((man & 0x400u) == 0);
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FFu) << 13);
+    } else {
+        bits = sign; /* zero */
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Contract: see esl_internal.h. */
+uint16_t esl__half_from(float f)
+{
+    uint32_t x, ax, sign, h, rest;
+    memcpy(&x, &f, sizeof x);
+    sign = (x >> 16) & 0x8000u;
+    ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u)
+        return (uint16_t)(sign | 0x7E00u); /* NaN: a quiet NaN */
+    if (ax >= 0x477FF000u)
+        return (uint16_t)(sign | 0x7C00u); /* 65520 and up (and inf): infinity */
+    if (ax < 0x38800000u) {
+        /* Below 2^-14: a multiple of 2^-24 (subnormal, or the smallest normal when it
+         * rounds up to 1024 of them). Scaling by 2^24 is exact; rintf rounds to even. */
+        return (uint16_t)(sign | (uint32_t)rintf(fabsf(f) * 16777216.0f));
+    }
+    /* Normal: rebias the exponent (127 -> 15), round 23 mantissa bits to 10, to even
+     * (a carry into the exponent is the right result). */
+    h = (ax - 0x38000000u) >> 13;
+    rest = ax & 0x1FFFu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u)))
+        h++;
+    return (uint16_t)(sign | h);
 }

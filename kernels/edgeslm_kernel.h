@@ -135,9 +135,10 @@ ESL_API int32_t esl_fixed_softmax(const float *logits, int32_t n, double tempera
 /* ---- KV cache ---- */
 
 /*
- * Geometry of a cache buffer: float32 [n_layers][2][n_kv_heads][max_seq_len][head_dim],
- * index 0 of the second axis = keys (stored after RoPE), 1 = values. rotary_dim == 0
- * means no rotary embedding (learned positions); otherwise it is even and <= head_dim.
+ * Geometry of a cache buffer: [n_layers][2][n_kv_heads][max_seq_len][head_dim] float32,
+ * or IEEE half (uint16) when `half` is 1; index 0 of the second axis = keys (stored
+ * after RoPE), 1 = values. rotary_dim == 0 means no rotary embedding (learned
+ * positions); otherwise it is even and <= head_dim.
  */
 typedef struct esl_kv_desc {
     int32_t n_layers;
@@ -147,6 +148,7 @@ typedef struct esl_kv_desc {
     int32_t rotary_dim;
     int32_t length;      /* valid positions [0, length) */
     double rope_theta;   /* 0 when rotary_dim == 0 */
+    int32_t half;        /* 0: float32 values (the default), 1: IEEE halves */
 } esl_kv_desc;
 
 /*
@@ -157,7 +159,7 @@ typedef struct esl_kv_desc {
  * Does not change desc->length (the caller subtracts drop). Positions past the new length
  * keep stale data. Returns ESL_OK or ESL_ERR_ARG.
  */
-ESL_API int32_t esl_kv_shift(const esl_kv_desc *desc, float *data, int32_t keep, int32_t drop,
+ESL_API int32_t esl_kv_shift(const esl_kv_desc *desc, void *data, int32_t keep, int32_t drop,
                              const double *cos_sin);
 
 /*
@@ -165,7 +167,7 @@ ESL_API int32_t esl_kv_shift(const esl_kv_desc *desc, float *data, int32_t keep,
  * in the edgeslm KV-cache format (docs/KERNEL.md). Returns ESL_OK, ESL_ERR_ARG or
  * ESL_ERR_IO (a partial file may remain).
  */
-ESL_API int32_t esl_kv_save(const char *path, const esl_kv_desc *desc, const float *data,
+ESL_API int32_t esl_kv_save(const char *path, const esl_kv_desc *desc, const void *data,
                             const int32_t *tokens, int64_t n_tokens);
 
 /*
@@ -183,7 +185,7 @@ ESL_API int32_t esl_kv_read_header(const char *path, esl_kv_desc *desc, int64_t 
  * are left untouched. Returns ESL_OK or any status of esl_kv_read_header plus
  * ESL_ERR_CHECKSUM and ESL_ERR_MISMATCH.
  */
-ESL_API int32_t esl_kv_load(const char *path, const esl_kv_desc *desc, float *data,
+ESL_API int32_t esl_kv_load(const char *path, const esl_kv_desc *desc, void *data,
                             int32_t *tokens, int64_t n_tokens);
 
 /* ---- int8 block matmul (qmatmul.c) ---- */
@@ -223,6 +225,10 @@ ESL_API int32_t esl_qmm4_matmul(const float *x, int64_t m, int64_t k, const uint
 
 /* Returns the float value of the IEEE half `h`, as the portable path converts it. */
 ESL_API float esl_qmm_half(uint16_t h);
+
+/* Returns the IEEE binary16 nearest to f, ties to even (as numpy's astype(float16)); a
+ * NaN becomes a quiet NaN. For tests of the KV cache's half-precision form. */
+ESL_API uint16_t esl_qmm_to_half(float f);
 
 /*
  * y[c] = silu(gate[c]) * up[c] = gate[c] / (1 + e^-gate[c]) * up[c] for c < count: the

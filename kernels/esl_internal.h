@@ -33,6 +33,13 @@ int32_t esl__simd(void);
 /* y[c] = silu(gate[c]) * up[c] for c < count, the same bits on every CPU (swiglu.c). */
 void esl__silu_times(const float *gate, const float *up, float *y, int64_t count);
 
+/* Returns the float value of an IEEE binary16 bit pattern (exact; NaN stays NaN). */
+float esl__half(uint16_t h);
+
+/* Returns the IEEE binary16 nearest to f, ties to even (NaN: a quiet NaN; beyond the
+ * largest half, infinity). Bit for bit what F16C's and NEON's conversions give. */
+uint16_t esl__half_from(float f);
+
 /* Returns the high 64 bits of the 128-bit product a * b (portable, no __int128). */
 uint64_t esl__mulhi64(uint64_t a, uint64_t b);
 

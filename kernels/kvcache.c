@@ -6,9 +6,9 @@
  *   0  char[8] "EDGESLKV"     8 u32 version = 1     12 u32 header bytes = 64
  *   16 i32 n_layers  20 i32 n_kv_heads  24 i32 max_seq_len  28 i32 head_dim
  *   32 i32 rotary_dim  36 i32 length  40 f64 rope_theta  48 i64 n_tokens
- *   56 u32 dtype = 1 (float32)  60 u32 CRC-32 of bytes [0, 60)
- *   64 i32 tokens[n_tokens], then for each layer, k/v, head: length * head_dim float32,
- *   then u32 CRC-32 of everything after the header.
+ *   56 u32 dtype = 1 (float32) or 2 (IEEE half)  60 u32 CRC-32 of bytes [0, 60)
+ *   64 i32 tokens[n_tokens], then for each layer, k/v, head: length * head_dim values of
+ *   the dtype, then u32 CRC-32 of everything after the header.
  */
 #include "edgeslm_kernel.h"
 #include "esl_internal.h"
@@ -21,6 +21,7 @@
 #define ESL_KV_VERSION 1u
 #define ESL_KV_HEADER_BYTES 64
 #define ESL_KV_DTYPE_F32 1u
+#define ESL_KV_DTYPE_F16 2u
 #define ESL_KV_DIM_MAX (1 << 24)
 
 /* Returns ESL_OK when desc describes a valid geometry (see esl_kv_desc). */
@@ -36,25 +37,55 @@ static int32_t esl__kv_check(const esl_kv_desc *d)
         return ESL_ERR_ARG;
     if (d->rotary_dim < 0 || d->rotary_dim > d->head_dim || d->rotary_dim % 2 != 0)
         return ESL_ERR_ARG;
+    if (d->half != 0 && d->half != 1)
+        return ESL_ERR_ARG;
     if (d->rotary_dim > 0 ? !(d->rope_theta > 0.0 && d->rope_theta <= DBL_MAX)
                           : d->rope_theta != 0.0)
         return ESL_ERR_ARG;
     return ESL_OK;
 }
 
-/* Returns the first float of (layer, kv, head) in a buffer of geometry d. */
-static float *esl__kv_row0(const esl_kv_desc *d, float *data, int32_t l, int32_t kv,
-                           int32_t h)
+/* Bytes of one cached value: 4 (float32) or 2 (IEEE half). */
+static size_t esl__kv_elem(const esl_kv_desc *d) { return d->half ? 2u : 4u; }
+
+/* Returns the first value of (layer, kv, head) in a buffer of geometry d. */
+static unsigned char *esl__kv_row0(const esl_kv_desc *d, void *data, int32_t l, int32_t kv,
+                                   int32_t h)
 {
     size_t plane = ((size_t)l * 2 + (size_t)kv) * (size_t)d->n_kv_heads + (size_t)h;
-    return data + plane * (size_t)d->max_seq_len * (size_t)d->head_dim;
+    return (unsigned char *)data +
+           plane * (size_t)d->max_seq_len * (size_t)d->head_dim * esl__kv_elem(d);
+}
+
+/* Rotates one stored key's first 2 * half values by the pairs (cos, sin), in double. */
+static void esl__kv_rotate(const esl_kv_desc *d, unsigned char *key, int32_t half,
+                           const double *cos_sin)
+{
+    int32_t i;
+    for (i = 0; i < half; i++) {
+        double c = cos_sin[2 * i], s = cos_sin[2 * i + 1], a, b;
+        if (d->half) {
+            uint16_t *r = (uint16_t *)key;
+            a = esl__half(r[i]);
+            b = esl__half(r[i + half]);
+            r[i] = esl__half_from((float)(a * c - b * s));
+            r[i + half] = esl__half_from((float)(a * s + b * c));
+        } else {
+            float *r = (float *)key;
+            a = r[i];
+            b = r[i + half];
+            r[i] = (float)(a * c - b * s);
+            r[i + half] = (float)(a * s + b * c);
+        }
+    }
 }
 
 /* Contract: see edgeslm_kernel.h. */
-int32_t esl_kv_shift(const esl_kv_desc *desc, float *data, int32_t keep, int32_t drop,
+int32_t esl_kv_shift(const esl_kv_desc *desc, void *data, int32_t keep, int32_t drop,
                      const double *cos_sin)
 {
-    int32_t st = esl__kv_check(desc), l, kv, h, pos, i, moved, half, dim;
+    int32_t st = esl__kv_check(desc), l, kv, h, pos, moved, half;
+    size_t stride;
     if (st != ESL_OK)
         return st;
     if (!data || keep < 0 || drop < 0 || drop > desc->length - keep)
@@ -64,27 +95,20 @@ int32_t esl_kv_shift(const esl_kv_desc *desc, float *data, int32_t keep, int32_t
     if (desc->rotary_dim > 0 && !cos_sin)
         return ESL_ERR_ARG;
     moved = desc->length - keep - drop;
-    dim = desc->head_dim;
+    stride = (size_t)desc->head_dim * esl__kv_elem(desc); /* bytes per position */
     half = desc->rotary_dim / 2;
     if (moved == 0)
         return ESL_OK;
     for (l = 0; l < desc->n_layers; l++)
         for (kv = 0; kv < 2; kv++)
             for (h = 0; h < desc->n_kv_heads; h++) {
-                float *row0 = esl__kv_row0(desc, data, l, kv, h);
-                memmove(row0 + (size_t)keep * dim, row0 + (size_t)(keep + drop) * dim,
-                        (size_t)moved * dim * sizeof(float));
+                unsigned char *row0 = esl__kv_row0(desc, data, l, kv, h);
+                memmove(row0 + (size_t)keep * stride, row0 + (size_t)(keep + drop) * stride,
+                        (size_t)moved * stride);
                 if (kv != 0 || half == 0)
                     continue;
-                for (pos = keep; pos < keep + moved; pos++) {
-                    float *r = row0 + (size_t)pos * dim;
-                    for (i = 0; i < half; i++) {
-                        double a = r[i], b = r[i + half];
-                        double c = cos_sin[2 * i], s = cos_sin[2 * i + 1];
-                        r[i] = (float)(a * c - b * s);
-                        r[i + half] = (float)(a * s + b * c);
-                    }
-                }
+                for (pos = keep; pos < keep + moved; pos++)
+                    esl__kv_rotate(desc, row0 + (size_t)pos * stride, half, cos_sin);
             }
     return ESL_OK;
 }
@@ -184,20 +208,20 @@ static void esl__kv_encode(const esl_crc_tables *ct, const esl_kv_desc *d, int64
     memcpy(&theta_bits, &d->rope_theta, 8);
     esl__put_u64(hdr + 40, theta_bits);
     esl__put_u64(hdr + 48, (uint64_t)n_tokens);
-    esl__put_u32(hdr + 56, ESL_KV_DTYPE_F32);
+    esl__put_u32(hdr + 56, d->half ? ESL_KV_DTYPE_F16 : ESL_KV_DTYPE_F32);
     esl__put_u32(hdr + 60, esl__crc_update(ct, 0, hdr, 60));
 }
 
 /* Returns the bytes after the header for this geometry and token count. */
 static uint64_t esl__kv_body_bytes(const esl_kv_desc *d, int64_t n_tokens)
 {
-    uint64_t floats = (uint64_t)d->n_layers * 2u * (uint64_t)d->n_kv_heads *
+    uint64_t values = (uint64_t)d->n_layers * 2u * (uint64_t)d->n_kv_heads *
                       (uint64_t)d->length * (uint64_t)d->head_dim;
-    return 4u * (uint64_t)n_tokens + 4u * floats + 4u;
+    return 4u * (uint64_t)n_tokens + esl__kv_elem(d) * values + 4u;
 }
 
 /* Contract: see edgeslm_kernel.h. */
-int32_t esl_kv_save(const char *path, const esl_kv_desc *desc, const float *data,
+int32_t esl_kv_save(const char *path, const esl_kv_desc *desc, const void *data,
                     const int32_t *tokens, int64_t n_tokens)
 {
     esl_crc_tables ct;
@@ -222,13 +246,13 @@ int32_t esl_kv_save(const char *path, const esl_kv_desc *desc, const float *data
         ok = fwrite(tokens, sizeof(int32_t), (size_t)n_tokens, f) == (size_t)n_tokens;
         crc = esl__crc_update(&ct, crc, tokens, (size_t)n_tokens * sizeof(int32_t));
     }
-    row = (size_t)desc->length * (size_t)desc->head_dim;
+    row = (size_t)desc->length * (size_t)desc->head_dim * esl__kv_elem(desc); /* bytes */
     for (l = 0; ok && l < desc->n_layers; l++)
         for (kv = 0; ok && kv < 2; kv++)
             for (h = 0; ok && h < desc->n_kv_heads; h++) {
-                const float *src = esl__kv_row0(desc, (float *)data, l, kv, h);
-                ok = fwrite(src, sizeof(float), row, f) == row;
-                crc = esl__crc_update(&ct, crc, src, row * sizeof(float));
+                const unsigned char *src = esl__kv_row0(desc, (void *)data, l, kv, h);
+                ok = fwrite(src, 1, row, f) == row;
+                crc = esl__crc_update(&ct, crc, src, row);
             }
     esl__put_u32(tail, crc);
     ok = ok && fwrite(tail, 1, 4, f) == 4;
@@ -257,8 +281,10 @@ static int32_t esl__kv_read_header_f(const esl_crc_tables *ct, FILE *f, esl_kv_d
         return ESL_ERR_TRUNCATED;
     if (esl__get_u32(hdr + 60) != esl__crc_update(ct, 0, hdr, 60) ||
         esl__get_u32(hdr + 12) != ESL_KV_HEADER_BYTES ||
-        esl__get_u32(hdr + 56) != ESL_KV_DTYPE_F32)
+        (esl__get_u32(hdr + 56) != ESL_KV_DTYPE_F32 &&
+         esl__get_u32(hdr + 56) != ESL_KV_DTYPE_F16))
         return ESL_ERR_BAD_HEADER;
+    d->half = esl__get_u32(hdr + 56) == ESL_KV_DTYPE_F16;
     d->n_layers = (int32_t)esl__get_u32(hdr + 16);
     d->n_kv_heads = (int32_t)esl__get_u32(hdr + 20);
     d->max_seq_len = (int32_t)esl__get_u32(hdr + 24);
@@ -301,7 +327,7 @@ int32_t esl_kv_read_header(const char *path, esl_kv_desc *desc, int64_t *n_token
 }
 
 /* Contract: see edgeslm_kernel.h. */
-int32_t esl_kv_load(const char *path, const esl_kv_desc *desc, float *data, int32_t *tokens,
+int32_t esl_kv_load(const char *path, const esl_kv_desc *desc, void *data, int32_t *tokens,
                     int64_t n_tokens)
 {
     esl_crc_tables ct;
@@ -325,6 +351,7 @@ int32_t esl_kv_load(const char *path, const esl_kv_desc *desc, float *data, int3
         (fd.n_layers != desc->n_layers || fd.n_kv_heads != desc->n_kv_heads ||
          fd.head_dim != desc->head_dim || fd.rotary_dim != desc->rotary_dim ||
          fd.rope_theta != desc->rope_theta || fd.length != desc->length ||
+         fd.half != desc->half ||
          desc->max_seq_len < fd.length || fn != n_tokens))
         st = ESL_ERR_MISMATCH;
     if (st == ESL_OK && n_tokens > 0) {
@@ -333,15 +360,15 @@ int32_t esl_kv_load(const char *path, const esl_kv_desc *desc, float *data, int3
         else
             crc = esl__crc_update(&ct, crc, tokens, (size_t)n_tokens * sizeof(int32_t));
     }
-    row = (size_t)desc->length * (size_t)desc->head_dim;
+    row = (size_t)desc->length * (size_t)desc->head_dim * esl__kv_elem(desc); /* bytes */
     for (l = 0; st == ESL_OK && l < desc->n_layers; l++)
         for (kv = 0; st == ESL_OK && kv < 2; kv++)
             for (h = 0; st == ESL_OK && h < desc->n_kv_heads; h++) {
-                float *dst = esl__kv_row0(desc, data, l, kv, h);
-                if (fread(dst, sizeof(float), row, f) != row)
+                unsigned char *dst = esl__kv_row0(desc, data, l, kv, h);
+                if (fread(dst, 1, row, f) != row)
                     st = ESL_ERR_TRUNCATED;
                 else
-                    crc = esl__crc_update(&ct, crc, dst, row * sizeof(float));
+                    crc = esl__crc_update(&ct, crc, dst, row);
             }
     if (st == ESL_OK) {
         if (fread(tail, 1, 4, f) != 4)

@@ -12,6 +12,10 @@
  * buffer as past; then only the new positions are written. Bound to another buffer,
  * present first gets a copy of past. The work (attention.c) is split by heads and by
  * blocks of new rows among onnxruntime's intra-op threads.
+ *
+ * Registered twice under the one name (onnxruntime picks by the types): past and present
+ * float32 (esl__attention_op) or float16 (esl__attention_op_f16, a half-precision
+ * cache; every other input and output stays float32).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -31,11 +35,13 @@
 typedef struct attn_kernel {
     int64_t n_heads, n_kv_heads, rotary;
     float scale; /* 0: 1 / sqrt(head_dim) */
+    int kv_half; /* registered as esl__attention_op_f16 */
 } attn_kernel;
 
 typedef struct attn_job {
     const esl_attn_desc *d;
-    const float *qkv, *cos_t, *sin_t, *keys, *values;
+    const float *qkv, *cos_t, *sin_t;
+    const void *keys, *values; /* float32 or IEEE half (d->kv_half) */
     float *out, *scratch;
     int64_t row_blocks;
 } attn_job;
@@ -61,11 +67,11 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api,
     attn_kernel *kn;
     OrtStatus *st;
 
-    (void)op;
     *out = NULL;
     kn = (attn_kernel *)calloc(1, sizeof *kn);
     if (!kn)
         return fail(ESL_ORT_FAIL, "out of memory");
+    kn->kv_half = op == &esl__attention_op_f16;
     st = attr(info, "num_heads", &kn->n_heads);
     if (!st)
         st = attr(info, "kv_num_heads", &kn->n_kv_heads);
@@ -125,6 +131,7 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t index, int type, size_t ra
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
 {
     const attn_kernel *kn = (const attn_kernel *)kernel;
+    const int kv_type = kn->kv_half ? ESL_ORT_FLOAT16 : ESL_ORT_FLOAT;
     int64_t qd[ESL_ORT_MAX_DIMS], kd[ESL_ORT_MAX_DIMS], vd[ESL_ORT_MAX_DIMS];
     int64_t sd[ESL_ORT_MAX_DIMS], td[ESL_ORT_MAX_DIMS], cd[ESL_ORT_MAX_DIMS];
     void *qkv, *pk, *pv, *seqlens, *total, *cos_t = NULL, *sin_t = NULL;
@@ -140,9 +147,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     /* Inputs: the shapes the decoder graphs give GroupQueryAttention. */
     st = input(ctx, 0, ESL_ORT_FLOAT, 3, qd, &qkv, 0);
     if (!st)
-        st = input(ctx, 3, ESL_ORT_FLOAT, 4, kd, &pk, 0);
+        st = input(ctx, 3, kv_type, 4, kd, &pk, 0);
     if (!st)
-        st = input(ctx, 4, ESL_ORT_FLOAT, 4, vd, &pv, 0);
+        st = input(ctx, 4, kv_type, 4, vd, &pv, 0);
     if (!st)
         st = input(ctx, 5, ESL_ORT_INT32, 1, sd, &seqlens, 0);
     if (!st)
@@ -163,6 +170,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     d.s = qd[1];
     d.total = *(const int32_t *)total;
     d.scale = kn->scale != 0.0f ? kn->scale : 1.0f / sqrtf((float)d.head_dim);
+    d.kv_half = kn->kv_half;
     if (qd[0] != 1 || kd[0] != 1 || kd[1] != d.n_kv_heads || memcmp(kd, vd, sizeof(int64_t) * 4) ||
         width != (d.n_heads + 2 * d.n_kv_heads) * d.head_dim || sd[0] != 1 ||
         ((const int32_t *)seqlens)[0] != d.total - 1 || esl__attn_check(&d) != ESL_OK ||
@@ -191,7 +199,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     }
     if (st)
         return st;
-    cache_bytes = (size_t)(d.n_kv_heads * d.max_seq * d.head_dim) * sizeof(float);
+    cache_bytes = (size_t)(d.n_kv_heads * d.max_seq * d.head_dim) *
+                  (d.kv_half ? sizeof(uint16_t) : sizeof(float));
     if (out_data[1] != pk)
         memcpy(out_data[1], pk, cache_bytes);
     if (out_data[2] != pv)
@@ -199,13 +208,13 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
 
     /* New keys and values into the cache, then heads x row blocks among threads. */
     esl__attn_store(&d, (const float *)qkv, (const float *)cos_t, (const float *)sin_t,
-                    (float *)out_data[1], (float *)out_data[2]);
+                    out_data[1], out_data[2]);
     job.d = &d;
     job.qkv = (const float *)qkv;
     job.cos_t = (const float *)cos_t;
     job.sin_t = (const float *)sin_t;
-    job.keys = (const float *)out_data[1];
-    job.values = (const float *)out_data[2];
+    job.keys = out_data[1];
+    job.values = out_data[2];
     job.out = (float *)out_data[0];
     job.row_blocks = (d.s + ROW_BLOCK - 1) / ROW_BLOCK;
     items = d.n_heads * job.row_blocks;
@@ -255,9 +264,16 @@ static const char *op_provider(const OrtCustomOp *op)
     return NULL; /* the CPU execution provider */
 }
 
+/* The element type of the cache (past 3, 4; present 1, 2) of each registration. */
+static int cache_type(const OrtCustomOp *op)
+{
+    return op == &esl__attention_op_f16 ? ESL_ORT_FLOAT16 : ESL_ORT_FLOAT;
+}
+
 static int op_input_type(const OrtCustomOp *op, size_t index)
 {
-    (void)op;
+    if (index == 3 || index == 4)
+        return cache_type(op);
     return index == 5 || index == 6 ? ESL_ORT_INT32 : ESL_ORT_FLOAT;
 }
 
@@ -269,9 +285,7 @@ static size_t op_input_count(const OrtCustomOp *op)
 
 static int op_output_type(const OrtCustomOp *op, size_t index)
 {
-    (void)op;
-    (void)index;
-    return ESL_ORT_FLOAT;
+    return index == 1 || index == 2 ? cache_type(op) : ESL_ORT_FLOAT;
 }
 
 static size_t op_output_count(const OrtCustomOp *op)
@@ -306,24 +320,12 @@ static int op_homogeneous(const OrtCustomOp *op)
     return 0;
 }
 
-const OrtCustomOp esl__attention_op = {
-    ESL_ORT_CUSTOM_OP_VERSION,
-    create_kernel_v1,
-    op_name,
-    op_provider,
-    op_input_type,
-    op_input_count,
-    op_output_type,
-    op_output_count,
-    compute_v1,
-    destroy_kernel,
-    op_input_characteristic,
-    op_required,
-    op_required,
-    op_arity,
-    op_homogeneous,
-    op_arity,
-    op_homogeneous,
-    create_kernel,
-    compute,
-};
+#define ATTENTION_OP_TABLE                                                                 \
+    {                                                                                      \
+        ESL_ORT_CUSTOM_OP_VERSION, create_kernel_v1, op_name, op_provider, op_input_type,  \
+            op_input_count, op_output_type, op_output_count, compute_v1, destroy_kernel,   \
+            op_input_characteristic, op_required, op_required, op_arity, op_homogeneous,   \
+            op_arity, op_homogeneous, create_kernel, compute,                              \
+    }
+const OrtCustomOp esl__attention_op = ATTENTION_OP_TABLE;
+const OrtCustomOp esl__attention_op_f16 = ATTENTION_OP_TABLE;

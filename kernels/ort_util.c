@@ -143,6 +143,9 @@ ESL_API OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBas
                 g_domain, &esl__attention_op);
         if (!st)
             st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
+                g_domain, &esl__attention_op_f16);
+        if (!st)
+            st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(
                 g_domain, &esl__swiglu_op);
         if (!st)
             st = ESL_ORT_SLOT(api, ESL_ORT_CustomOpDomain_Add, esl_ort_domain_add_fn)(

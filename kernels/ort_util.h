@@ -41,7 +41,8 @@ int esl__ort_not_homogeneous(const OrtCustomOp *op);          /* not homogeneous
 /* The cached attention operator (ort_attention.c), SwiGLU (swiglu.c) and the rows of a
  * MatMulQ8 table (ort_embed.c). */
 extern const OrtCustomOp esl__qmm_ops[2]; /* MatMulQ8, MatMulQ4 (ort_op.c) */
-extern const OrtCustomOp esl__attention_op;
+extern const OrtCustomOp esl__attention_op;     /* float32 cache */
+extern const OrtCustomOp esl__attention_op_f16; /* half-precision cache */
 extern const OrtCustomOp esl__swiglu_op;
 extern const OrtCustomOp esl__embed_op;
 

@@ -39,35 +39,11 @@
 
 /* ---- half precision -------------------------------------------------------------- */
 
-/* Contract: see qmatmul.h. */
-float esl__half(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1Fu;
-    uint32_t man = h & 0x3FFu;
-    uint32_t bits;
-    float f;
-
-    if (exp == 0x1Fu) {
-        bits = sign | 0x7F800000u | (man << 13); /* inf or NaN */
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112u) << 23) | (man << 13); /* normal: rebias 15 -> 127 */
-    } else if (man != 0) {
-        int e = -1; /* subnormal: shift the mantissa up to its leading one */
-        do {
-            man <<= 1;
-            e++;
-        } while ((man & 0x400u) == 0);
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FFu) << 13);
-    } else {
-        bits = sign; /* zero */
-    }
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 /* Contract: see edgeslm_kernel.h. */
 float esl_qmm_half(uint16_t h) { return esl__half(h); }
+
+/* Contract: see edgeslm_kernel.h. */
+uint16_t esl_qmm_to_half(float f) { return esl__half_from(f); }
 
 /* ---- levels -------------------------------------------------------------------- */
 

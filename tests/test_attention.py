@@ -20,16 +20,23 @@ from edgeslm import _kernel
 HEAD_DIM = 16
 
 
-def _graph(domain: str, heads: int, kv_heads: int, max_seq: int, rotary: bool):
+def _graph(
+    domain: str,
+    heads: int,
+    kv_heads: int,
+    max_seq: int,
+    rotary: bool,
+    cache: int = TensorProto.FLOAT,
+):
     op = "CachedAttention" if domain == "ai.edgeslm" else "GroupQueryAttention"
     width = (heads + 2 * kv_heads) * HEAD_DIM
     inputs = [
         helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, "s", width]),
         helper.make_tensor_value_info(
-            "past_key", TensorProto.FLOAT, [1, kv_heads, max_seq, HEAD_DIM]
+            "past_key", cache, [1, kv_heads, max_seq, HEAD_DIM]
         ),
         helper.make_tensor_value_info(
-            "past_value", TensorProto.FLOAT, [1, kv_heads, max_seq, HEAD_DIM]
+            "past_value", cache, [1, kv_heads, max_seq, HEAD_DIM]
         ),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
         helper.make_tensor_value_info("total", TensorProto.INT32, []),
@@ -54,8 +61,8 @@ def _graph(domain: str, heads: int, kv_heads: int, max_seq: int, rotary: bool):
     )
     outputs = [
         helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
-        helper.make_tensor_value_info("present_key", TensorProto.FLOAT, None),
-        helper.make_tensor_value_info("present_value", TensorProto.FLOAT, None),
+        helper.make_tensor_value_info("present_key", cache, None),
+        helper.make_tensor_value_info("present_value", cache, None),
     ]
     graph = helper.make_graph([node], "attn", inputs, outputs, inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)]
@@ -74,9 +81,9 @@ def _session(model: bytes, threads: int = 1):
 class _Cache:
     """A past/present buffer pair bound to one array, as edgeslm's runtime binds it."""
 
-    def __init__(self, session, kv_heads: int, max_seq: int):
+    def __init__(self, session, kv_heads: int, max_seq: int, dtype=np.float32):
         self.session = session
-        self.key = np.zeros((1, kv_heads, max_seq, HEAD_DIM), np.float32)
+        self.key = np.zeros((1, kv_heads, max_seq, HEAD_DIM), dtype)
         self.value = np.zeros_like(self.key)
         self.io = session.io_binding()
         for name, array in (("key", self.key), ("value", self.value)):
@@ -151,6 +158,76 @@ def test_equals_the_numpy_statement(lib):
             p = np.exp(scores - scores.max())
             want = (p / p.sum()) @ values[kv, :visible]
             np.testing.assert_allclose(out[i, h], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rotary", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_half_cache_holds_the_float_cache_rounded(lib, levels, rotary, threads):
+    # The float16 registration: the same keys (rotated in float) and values, each
+    # rounded to the nearest half, and the attention of the new tokens over those.
+    heads, kv_heads, max_seq, prompt, steps = 4, 2, 40, 17, 5
+    rng = np.random.default_rng(int(rotary) + 2 * threads)
+    width = (heads + 2 * kv_heads) * HEAD_DIM
+    tokens = rng.standard_normal((1, prompt + steps, width)).astype(np.float32) * 3
+    n = prompt + steps
+
+    def run(cache_type, dtype):
+        graph = _graph("ai.edgeslm", heads, kv_heads, max_seq, rotary, cache_type)
+        cache = _Cache(_session(graph, threads), kv_heads, max_seq, dtype)
+        outs = [cache.step(tokens[:, :prompt], prompt)]
+        for t in range(prompt, n):
+            outs.append(cache.step(tokens[:, t : t + 1], t + 1))
+        return cache, outs
+
+    full, _ = run(TensorProto.FLOAT, np.float32)
+    for level in levels:
+        lib.esl_qmm_set_level(level)
+        half, outs = run(TensorProto.FLOAT16, np.float16)
+        np.testing.assert_array_equal(half.key, full.key.astype(np.float16))
+        np.testing.assert_array_equal(half.value, full.value.astype(np.float16))
+
+        # The last step's output: the float64 statement over the halves.
+        keys = half.key[0, :, :n].astype(np.float64)
+        values = half.value[0, :, :n].astype(np.float64)
+        q = tokens[0, -1, : heads * HEAD_DIM].reshape(heads, HEAD_DIM)
+        q = q.astype(np.float64)
+        if rotary:  # the query rotated as the keys were (rotate-half)
+            angles = (n - 1) / 10000 ** (np.arange(HEAD_DIM // 2) * 2 / HEAD_DIM)
+            c, s_ = np.cos(angles), np.sin(angles)
+            a, b = q[:, : HEAD_DIM // 2].copy(), q[:, HEAD_DIM // 2 :].copy()
+            q = np.concatenate([a * c - b * s_, a * s_ + b * c], axis=1)
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = keys[kv] @ q[h] / np.sqrt(HEAD_DIM)
+            p = np.exp(scores - scores.max())
+            want = (p / p.sum()) @ values[kv]
+            got = outs[-1].reshape(heads, HEAD_DIM)[h]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_half_conversion_rounds_to_nearest_even(lib):
+    # Every half, the midpoints between neighbours (ties go to the even one) and a
+    # little either side of them, overflow to infinity, subnormals and signed zeros:
+    # as numpy's float16 conversion.
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)].astype(np.float64)
+    ordered = np.unique(finite)
+    mids = (ordered[:-1] + ordered[1:]) / 2
+    probes = np.concatenate(
+        [
+            finite,
+            mids,
+            np.nextafter(mids.astype(np.float32), np.float32(np.inf)),
+            np.nextafter(mids.astype(np.float32), np.float32(-np.inf)),
+            [65504.0, 65519.99, 65520.0, 1e6, -1e6, 1e-8, -1e-8, 2.0**-25, 2.0**-24],
+            [0.0, -0.0, np.inf, -np.inf],
+        ]
+    ).astype(np.float32)
+    got = np.array([lib.esl_qmm_to_half(float(x)) for x in probes], np.uint16)
+    with np.errstate(over="ignore"):  # numpy warns as it rounds 1e6 to infinity
+        want = probes.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(np.uint16(lib.esl_qmm_to_half(float("nan"))).view(np.float16))
 
 
 def test_present_in_its_own_buffer_gets_the_past(lib):

@@ -36,17 +36,33 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, rotary_dim: int):
     return out
 
 
-def filled(backend: str, *, theta=10000.0, rotary_dim=None, seq=48, length=40, seed=0):
+def filled(
+    backend: str,
+    *,
+    theta=10000.0,
+    rotary_dim=None,
+    seq=48,
+    length=40,
+    seed=0,
+    dtype=np.float32,
+):
     """A cache whose keys are rope(raw, pos); returns (cache, raw_keys, values)."""
     rng = np.random.default_rng(seed)
     cache = KVCache(
-        3, 2, seq, 16, rope_theta=theta, rotary_dim=rotary_dim, backend=backend
+        3,
+        2,
+        seq,
+        16,
+        rope_theta=theta,
+        rotary_dim=rotary_dim,
+        dtype=dtype,
+        backend=backend,
     )
     raw = rng.standard_normal((3, 2, length, 16))
-    vals = rng.standard_normal((3, 2, length, 16)).astype(np.float32)
+    vals = rng.standard_normal((3, 2, length, 16)).astype(dtype)
     pos = np.arange(length)
     keys = rope(raw, pos, theta, cache.rotary_dim) if theta else raw
-    cache.data[:, 0, :, :length] = keys.astype(np.float32)
+    cache.data[:, 0, :, :length] = keys.astype(np.float32).astype(dtype)
     cache.data[:, 1, :, :length] = vals
     cache.advance(length)
     return cache, raw, vals
@@ -261,3 +277,57 @@ def test_missing_file(tmp_path):
     for backend in BACKENDS:
         with pytest.raises(FileNotFoundError):
             KVCache.load(tmp_path / "absent.kv", backend=backend)
+
+
+# ------------------------------------------------------------------------------
+# float16 caches
+
+
+@pytest.mark.parametrize("rotary_dim", [None, 4, 16])
+def test_half_shift_c_equals_numpy_exactly(rotary_dim):
+    a, _, _ = filled("c", rotary_dim=rotary_dim, seed=11, dtype=np.float16)
+    b, _, _ = filled("numpy", rotary_dim=rotary_dim, seed=11, dtype=np.float16)
+    assert a.data.dtype == np.float16 and a.data.nbytes == 3 * 2 * 2 * 48 * 16 * 2
+    for keep, drop in [(3, 7), (0, 5), (10, 1)]:
+        a.shift(keep, drop)
+        b.shift(keep, drop)
+        assert np.array_equal(a.data[:, :, :, : a.length], b.data[:, :, :, : b.length])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_shift_is_a_fresh_rope_to_half_precision(backend):
+    cache, raw, _ = filled(backend, rotary_dim=8, dtype=np.float16)
+    cache.shift(4, 10)
+    fresh = rope(raw[:, :, 14:40], np.arange(4, 30), 10000.0, 8)
+    # Two roundings to half (stored, then re-rotated) against one: within 2 ulp.
+    np.testing.assert_allclose(
+        cache.data[:, 0, :, 4:30].astype(np.float64), fresh, rtol=2e-3, atol=2e-3
+    )
+
+
+@pytest.mark.parametrize("writer", BACKENDS)
+@pytest.mark.parametrize("reader", BACKENDS)
+def test_half_save_load_round_trip(tmp_path, writer, reader):
+    cache, _, _ = filled(writer, rotary_dim=8, dtype=np.float16)
+    path = tmp_path / "h.kv"
+    cache.save(path, list(range(40)))
+    raw = path.read_bytes()
+    assert len(raw) == 64 + 40 * 4 + 3 * 2 * 2 * 40 * 16 * 2 + 4  # two bytes a value
+    assert struct.unpack_from("<I", raw, 56)[0] == 2  # the dtype field: float16
+    got, tokens = KVCache.load(path, backend=reader)
+    assert got.dtype == np.float16 and tokens == list(range(40))
+    assert np.array_equal(got.data[:, :, :, :40], cache.data[:, :, :, :40])
+
+
+def test_half_save_is_byte_identical(tmp_path):
+    for backend in BACKENDS:
+        cache, _, _ = filled(backend, seed=5, dtype=np.float16)
+        cache.save(tmp_path / f"{backend}.kv", [7])
+    assert (tmp_path / "c.kv").read_bytes() == (tmp_path / "numpy.kv").read_bytes()
+
+
+def test_cache_dtype_is_float32_or_float16():
+    with pytest.raises(ValueError, match="dtype must be float32 or float16, got"):
+        KVCache(1, 1, 4, 8, rope_theta=None, dtype=np.float64)
+    with pytest.raises(ValueError, match="dtype must be float32 or float16, got"):
+        KVCache(1, 1, 4, 8, rope_theta=None, dtype="int8")

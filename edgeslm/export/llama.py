@@ -6,7 +6,8 @@ The graph follows edgeslm's decoder contract (docs/ARCHITECTURE.md):
              seqlens_k              (1,) int32   cache length after this step - 1
              total_sequence_length  () int32     cache length after this step
              past_key_values.{l}.key / .value
-                                    (1, n_kv_heads, max_seq_len, head_dim) float32
+                                    (1, n_kv_heads, max_seq_len, head_dim) float16 in
+                                    a quantized graph, float32 in an fp32 one
     outputs  logits                 (1, vocab_size) f32, last position only
              present.{l}.key / .value  the same buffers as the past ones
 
@@ -33,6 +34,7 @@ from edgeslm.export.checkpoint import Checkpoint
 from edgeslm.export.onnx_graph import (
     DEFAULT_BLOCK_SIZE,
     FLOAT,
+    FLOAT16,
     INT32,
     INT64,
     MS_DOMAIN,
@@ -105,17 +107,21 @@ def build_llama(
 
 
 def _declare_io(b: GraphBuilder, cfg: ModelConfig) -> None:
+    """The decoder contract's inputs and outputs. A quantized graph keeps its cache
+    in float16 (half the memory and the bytes a step reads; its weights' rounding is
+    far coarser), an fp32 graph in float32, the precision of its parity tests."""
     b.input("input_ids", INT64, [1, "n_new"])
     b.input("seqlens_k", INT32, [1])
     b.input("total_sequence_length", INT32, [])
     kv_shape = [1, cfg.n_kv_heads, "max_seq_len", cfg.head_dim]
+    kv_type = FLOAT16 if b.quantized else FLOAT
     for layer in range(cfg.n_layers):
         for kind in ("key", "value"):
-            b.input(f"past_key_values.{layer}.{kind}", FLOAT, kv_shape)
+            b.input(f"past_key_values.{layer}.{kind}", kv_type, kv_shape)
     b.output("logits", FLOAT, [1, cfg.vocab_size])
     for layer in range(cfg.n_layers):
         for kind in ("key", "value"):
-            b.output(f"present.{layer}.{kind}", FLOAT, kv_shape)
+            b.output(f"present.{layer}.{kind}", kv_type, kv_shape)
 
 
 def _embedding(b: GraphBuilder, ckpt: Checkpoint, block_size: int):

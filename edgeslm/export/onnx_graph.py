@@ -400,6 +400,7 @@ class GraphBuilder:
 INT64 = TensorProto.INT64
 INT32 = TensorProto.INT32
 FLOAT = TensorProto.FLOAT
+FLOAT16 = TensorProto.FLOAT16
 
 
 def _i64(values) -> np.ndarray:
@@ -428,8 +429,9 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
     `MatMulNBits` for every `MatMulQ8` (after a `SimplifiedLayerNormalization` for
     a folded norm; followed by Split, Sigmoid and Mul for a SwiGLU one, which also
     replace a `SwiGLU` node, and by an Add for a residual), `GroupQueryAttention`
-    for every `CachedAttention`, Gather and friends for `GatherQ8`; None when the
-    model has `MatMulQ4` nodes (4-bit packages need the kernel).
+    for every `CachedAttention` (with a float32 cache, which the runtime allocates
+    for this graph), Gather and friends for `GatherQ8`; None when the model has
+    `MatMulQ4` nodes (4-bit packages need the kernel).
 
     The packed weights are not copied: small ops undo the interleaving (reshape,
     transpose, slice off the padding rows, cast the scales to float32), and
@@ -531,6 +533,10 @@ def portable_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
                     "Add", [residual, result], [node.output[0]], name=f"{node.name}/add"
                 )
             )
+    # GroupQueryAttention takes the cache in the query's type: float32.
+    for value in (*out.graph.input, *out.graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = FLOAT
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(consts)
