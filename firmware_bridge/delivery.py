@@ -5,7 +5,9 @@ request against the registry, the adapters and the rate limits (all devices or
 none), stores it with its commands, keeps at most one command per device in flight
 (sent again with the same id until an ack or a matching device state arrives), turns
 outcomes into the request's reply, `last_command` and error messages, and publishes:
-`_publish` is the bridge's only way out, checked against the allow-list.
+`_publish` is the bridge's only way out, checked against the allow-list. A final
+reply counts as sent once the broker acknowledges it (`_on_published`), not when it
+is handed to paho: a bridge killed in between answers again after its restart.
 
 It does not read command or Hermes messages (`intake`) and does not decide when a
 command is resent or expires (the worker's tick, `service`). Not yet: two bridges
@@ -74,6 +76,8 @@ class DeliveryMixin:
     _store: CommandStore | None
     _inflight: dict[str, _Inflight]  # device -> its command on the wire
     _waiting: dict[str, deque[DeviceCommand]]  # device -> queued commands
+    _final_mids: dict[int, str]  # MQTT message id -> request, final replies unacked
+    _confirmed: list[str]  # requests whose final reply the broker acknowledged
 
     # --- requests ---------------------------------------------------------------------
 
@@ -89,7 +93,7 @@ class DeliveryMixin:
         known = self._store.request(request_id)
         if known is not None:  # a retry or a redelivery: answer, never execute again
             log.debug("request %s seen before (%s)", request_id, known["status"])
-            if known["replied"]:
+            if known["closed"]:
                 self._publish_reply(known["reply"], reply_topic, correlation)
             return
         reply = {"id": request_id, "text": text, "intent": result.to_dict()}
@@ -160,12 +164,13 @@ class DeliveryMixin:
         request_id, text = reply["id"], reply["text"]
         status = "not_recognized" if exc.code == "not_recognized" else "rejected"
         reply.update(status=status, error={"code": exc.code, "message": str(exc)})
-        if exc.code != "rate_limited":
+        if exc.code == "rate_limited":
+            self._publish_reply(reply, reply_topic, correlation)
+        else:
             self._store.add(
                 request_id, text, reply_topic, correlation, [], status, reply
             )
-            self._store.close_request(request_id, status, reply)
-        self._publish_reply(reply, reply_topic, correlation)
+            self._publish_final(request_id, reply, reply_topic, correlation)
         self._error(exc.code, str(exc), request_id, correlation)
 
     def _dry_run(self, reply, commands, reply_topic, correlation) -> None:
@@ -279,10 +284,17 @@ class DeliveryMixin:
     # --- replies ----------------------------------------------------------------------
 
     def _maybe_reply(self, request_id: str) -> None:
+        """Close a request whose commands all closed and send its final reply; a
+        request closed before (its reply unacknowledged) gets the stored reply."""
         outcome = self._store.outcome(request_id)
         if outcome is None or not self.connected.is_set():
             return  # still running, or sent once the broker is back
         known = self._store.request(request_id)
+        if known["closed"]:
+            self._publish_final(
+                request_id, known["reply"], known["reply_topic"], known["correlation"]
+            )
+            return
         statuses = {c["status"] for c in outcome}
         status = (
             "done"
@@ -291,7 +303,9 @@ class DeliveryMixin:
         )
         reply = {**(known["reply"] or {}), "status": status, "commands": outcome}
         self._store.close_request(request_id, status, reply)
-        self._publish_reply(reply, known["reply_topic"], known["correlation"])
+        self._publish_final(
+            request_id, reply, known["reply_topic"], known["correlation"]
+        )
         last = {"id": request_id, "text": known["text"], "status": status}
         self._publish(
             Outgoing(self.topics.last_command, json.dumps(last).encode(), retain=True)
@@ -306,14 +320,53 @@ class DeliveryMixin:
 
     def _publish_reply(
         self, reply: dict[str, Any], topic: str | None, correlation: bytes | None
-    ) -> None:
-        self._publish(
+    ) -> mqtt.MQTTMessageInfo | None:
+        return self._publish(
             Outgoing(
                 topic or self.topics.reply,
                 json.dumps(reply).encode(),
                 correlation=correlation,
             )
         )
+
+    def _publish_final(
+        self,
+        request_id: str,
+        reply: dict[str, Any],
+        topic: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        """Send a closed request's final reply; it counts as replied once the broker
+        acknowledges it."""
+        info = self._publish_reply(reply, topic, correlation)
+        if info is not None:
+            self._final_mids[info.mid] = request_id
+
+    def _awaiting_puback(self, request_id: str) -> bool:
+        """True while paho holds this request's final reply (it resends it itself
+        after a reconnect)."""
+        return request_id in self._final_mids.values()
+
+    def _on_published(self, mid: int, reason_code: Any) -> None:
+        """The broker acknowledged a message (PUBACK); final replies are noted and
+        marked in the store at the next tick, many in one commit."""
+        request_id = self._final_mids.pop(mid, None)
+        if request_id is None:
+            return
+        if getattr(reason_code, "is_failure", False):
+            log.warning(
+                "the broker refused the reply to %s (%s); it is sent again at the "
+                "next connection",
+                request_id,
+                reason_code,
+            )
+            return
+        self._confirmed.append(request_id)
+
+    def _confirm_replies(self) -> None:
+        if self._confirmed and self._store is not None:
+            confirmed, self._confirmed = self._confirmed, []
+            self._store.confirm_replies(confirmed)
 
     def _error(
         self, code: str, message: str, request_id: str | None, correlation: bytes | None

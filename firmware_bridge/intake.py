@@ -165,7 +165,7 @@ class IntakeMixin:
             known = self._store.request(pending.request_id)
             if known is not None or pending.request_id in self._recognizing:
                 # a retry or a redelivery: answer what is known, never run it again
-                if known is not None and known["replied"]:
+                if known is not None and known["closed"]:
                     self._publish_reply(
                         known["reply"], pending.reply_topic, pending.correlation
                     )

@@ -108,6 +108,8 @@ class Bridge(IntakeMixin, DeliveryMixin):
         self._store: CommandStore | None = None
         self._inflight: dict[str, _Inflight] = {}  # device -> its command on the wire
         self._waiting: dict[str, deque[DeviceCommand]] = {}  # device -> queued commands
+        self._final_mids: dict[int, str] = {}  # final replies awaiting the broker's ack
+        self._confirmed: list[str] = []  # ... and those acked, for the next tick
         self._worker: threading.Thread | None = None
         self._recognition: queue.Queue[_Pending | None] = queue.Queue()
         self._recognizing: set[str] = set()  # request ids on the recognizer thread
@@ -203,6 +205,7 @@ class Bridge(IntakeMixin, DeliveryMixin):
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -218,6 +221,9 @@ class Bridge(IntakeMixin, DeliveryMixin):
         self, client, userdata, mid, reason_code_list, properties
     ) -> None:
         self.events.put(("subscribed", mid, reason_code_list))
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.events.put(("published", mid, reason_code))
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -292,6 +298,15 @@ class Bridge(IntakeMixin, DeliveryMixin):
         self._close()
 
     def _close(self) -> None:
+        # acks the worker did not get to (the broker took these replies)
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if event[0] == "published":
+                self._on_published(event[1], event[2])
+        self._confirm_replies()
         if self._store is not None:
             self._store.close()
         self._store = None
@@ -360,6 +375,8 @@ class Bridge(IntakeMixin, DeliveryMixin):
             self._to_recognizer(event[1])
         elif kind == "subscribed":
             self._subscribed(event[1], event[2])
+        elif kind == "published":
+            self._on_published(event[1], event[2])
 
     def _connected(self, ok: bool, reason: str) -> None:
         if not ok:
@@ -381,7 +398,8 @@ class Bridge(IntakeMixin, DeliveryMixin):
         for inflight in self._inflight.values():
             inflight.deadline = 0.0  # resend what the broker may have lost
         for request_id in self._store.unreplied():
-            self._maybe_reply(request_id)
+            if not self._awaiting_puback(request_id):
+                self._maybe_reply(request_id)
         log.info("connected to the broker (%s)", reason)
 
     def _subscribed(self, mid: int, reason_codes: list[ReasonCode]) -> None:
@@ -402,7 +420,9 @@ class Bridge(IntakeMixin, DeliveryMixin):
             )
 
     def _tick(self) -> None:
-        """Expire, resend or fail commands in flight; start waiting ones."""
+        """Note acknowledged replies; expire, resend or fail commands in flight;
+        start waiting ones."""
+        self._confirm_replies()
         if not self.connected.is_set():
             return
         now = time.time()

@@ -14,6 +14,12 @@ Journal mode WAL with synchronous=FULL: a committed request survives a power cut
 
 Only what a restart needs is written: attempts and ack deadlines live in memory (after
 a restart every open command is simply sent again, with the same id).
+
+A request's `status` is "accepted" while its commands run and its final status once it
+is closed (`reply` then holds the final reply). `replied` is set only when the broker
+has acknowledged that final reply (PUBACK): a bridge killed between closing a request
+and the broker taking its reply sends the reply again after the restart. Replies are
+at least once (a requester keys them by id); device effects stay exactly once.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ CREATE INDEX IF NOT EXISTS commands_request ON commands(request_id);
 """
 
 FINAL = ("done", "failed", "expired")
+OPEN = "accepted"  # a request's status while its commands run
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ class CommandStore:
         )
         out = dict(zip(keys, row, strict=True))
         out["reply"] = None if out["reply"] is None else json.loads(out["reply"])
+        out["closed"] = out["status"] != OPEN  # its final reply is stored
         return out
 
     def add(
@@ -102,7 +110,7 @@ class CommandStore:
         reply_topic: str | None,
         correlation: bytes | None,
         commands: list[DeviceCommand],
-        status: str = "accepted",
+        status: str = OPEN,
         reply: dict[str, Any] | None = None,
     ) -> bool:
         """Store a request and its commands atomically; False if the id is known."""
@@ -171,14 +179,27 @@ class CommandStore:
     def close_request(
         self, request_id: str, status: str, reply: dict[str, Any]
     ) -> None:
+        """Store a request's final status and reply (not yet `replied`: see
+        `confirm_replies`)."""
         with self._tx():
             self._db.execute(
-                "UPDATE requests SET status = ?, reply = ?, replied = 1 WHERE id = ?",
+                "UPDATE requests SET status = ?, reply = ? WHERE id = ?",
                 (status, json.dumps(reply), request_id),
             )
 
+    def confirm_replies(self, request_ids: list[str]) -> None:
+        """Mark final replies the broker acknowledged, in one commit."""
+        if not request_ids:
+            return
+        with self._tx():
+            self._db.executemany(
+                "UPDATE requests SET replied = 1 WHERE id = ? AND status != ?",
+                [(request_id, OPEN) for request_id in request_ids],
+            )
+
     def unreplied(self) -> list[str]:
-        """Requests whose commands all closed but whose reply was not yet sent."""
+        """Requests whose commands all closed but whose final reply the broker has
+        not acknowledged (never sent, or lost with a bridge killed meanwhile)."""
         rows = self._db.execute(
             "SELECT r.id FROM requests r WHERE r.replied = 0 AND NOT EXISTS ("
             "SELECT 1 FROM commands c WHERE c.request_id = r.id "

@@ -36,6 +36,7 @@ from firmware_bridge.config import BridgeConfigError, config_from_dict
 from firmware_bridge.protocol import load_schema
 from firmware_bridge.service import Bridge
 from firmware_bridge.simulator import DeviceSimulator
+from firmware_bridge.store import CommandStore
 
 BASE = "edgeslm/default"
 
@@ -176,6 +177,69 @@ def test_repeated_request_id_answers_without_acting_again(running):
         )
     )
     assert sim.applied["switch.fan"] == 1
+
+
+def test_a_final_reply_the_broker_never_took_is_sent_after_a_restart(
+    tmp_path, broker, registry, recognizer
+):
+    """Killed after closing requests but before their final replies reached the
+    broker, the bridge answers them from its queue when it starts again, with the
+    stored replies, and runs nothing twice. Replies the broker took are marked."""
+    config = bridge_config(tmp_path, broker.port)
+    sim = DeviceSimulator(registry, port=broker.port).start()
+    observer = Observer(broker.port, [f"{BASE}/reply"])
+    first = Bridge(config, registry, recognizer)
+
+    def lose_final_replies(reply, topic, correlation):
+        if reply["status"] == "accepted" or reply["id"] == "kept":
+            return Bridge._publish_reply(first, reply, topic, correlation)
+        return None  # as if the process died before paho wrote it
+
+    first._publish_reply = lose_final_replies
+    first.start()
+    second = None
+    try:
+        assert first.connected.wait(10)
+        time.sleep(0.2)
+        for request_id, text in [
+            ("kept", "turn off the kitchen light"),
+            ("done", "turn on the kitchen light"),
+            ("refused", "open the pod bay doors"),
+        ]:
+            observer.publish(f"{BASE}/command", {"id": request_id, "text": text})
+        assert observer.wait_for(lambda: "kept" in final_replies(observer))
+        assert observer.wait_for(lambda: sim.applied.get("done-0") == 1)
+        time.sleep(0.5)  # the refusal is closed too
+        assert set(final_replies(observer)) == {"kept"}
+        first.kill()
+
+        second = Bridge(config, registry, recognizer)
+        second.start()
+        assert observer.wait_for(
+            lambda: {"done", "refused"} <= set(final_replies(observer))
+        ), final_replies(observer)
+        replies = final_replies(observer)
+        assert replies["done"]["status"] == "done"
+        assert replies["done"]["commands"][0]["state"] == {"state": "ON"}
+        assert replies["refused"]["status"] == "not_recognized"
+        assert replies["refused"]["error"]["code"] == "not_recognized"
+        assert sim.applied["done-0"] == 1 and sim.applied["kept-0"] == 1
+        assert observer.wait_for(lambda: second._store.unreplied() == [])
+    finally:
+        (second or first).stop()
+        observer.close()
+        sim.stop()
+    store = CommandStore(config.queue)
+    try:
+        assert {
+            i: store.request(i)["replied"] for i in ("kept", "done", "refused")
+        } == {
+            "kept": 1,
+            "done": 1,
+            "refused": 1,
+        }
+    finally:
+        store.close()
 
 
 def test_stale_command_expires_and_is_reported(tmp_path, broker, registry, recognizer):
