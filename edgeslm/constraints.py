@@ -25,7 +25,6 @@ healing of the prompt's last token (the prompt is taken as it is).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -491,6 +490,8 @@ def engine_for(model: Any) -> GrammarEngine:
     engine = _BY_MODEL.get(model)
     if engine is not None:
         return engine
+    import hashlib  # here: unconstrained generation needs no OpenSSL
+
     backend = model.tokenizer.backend
     text = backend.to_str()
     key = (

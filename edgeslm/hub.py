@@ -23,7 +23,6 @@ checks the PyPI-shipped files, the only ones with known hashes so far).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -344,6 +343,8 @@ def _local(path: Path, key: str, dtype: str) -> Path:
 
 def _cache_key(path: Path, dtype: str) -> str:
     stem = re.sub(r"[^\w.-]+", "-", path.name).strip("-").lower() or "model"
+    import hashlib  # lazily: loading a package by path needs no OpenSSL
+
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
     return f"{stem}-{digest}-{dtype}"
 
@@ -351,6 +352,8 @@ def _cache_key(path: Path, dtype: str) -> str:
 def _hub_key(hub_id: str, dtype: str) -> str:
     """The cache key of a hub id: the same wherever the command runs."""
     stem = re.sub(r"[^\w.-]+", "-", hub_id.split("/")[-1]).lower()
+    import hashlib
+
     digest = hashlib.sha256(hub_id.lower().encode()).hexdigest()[:10]
     return f"{stem}-{digest}-{dtype}"
 

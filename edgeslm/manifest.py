@@ -16,10 +16,10 @@ full check: `edgeslm info`, or `Manifest.verify` with `reuse_checks=False`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,7 +227,10 @@ def _stat_key(path: Path) -> list[int]:
 def _stamp_file(package: Path) -> Path:
     from edgeslm.hub import cache_dir  # hub imports this module
 
-    key = hashlib.sha256(str(Path(package).resolve()).encode()).hexdigest()[:20]
+    # two zlib checksums, not hashlib: a load that finds its stamps reads no file
+    # and so need not load OpenSSL (3.5 MB RSS); a collision only costs a rehash
+    path = str(Path(package).resolve()).encode()
+    key = f"{zlib.crc32(path):08x}{zlib.adler32(path):08x}"
     return cache_dir() / "verified" / f"{key}.json"
 
 
@@ -254,6 +257,8 @@ def _write_stamps(package: Path, stamps: dict[str, list[int | str]]) -> None:
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib  # here: a load whose files' stamps hold hashes nothing
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

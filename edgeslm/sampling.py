@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
-import secrets
+import os
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -400,7 +400,9 @@ class Sampler:
         self._settings = settings
         self._vocab = v
         self.backend: str = _kernel.resolve_backend(backend)
-        seed = settings.seed if settings.seed is not None else secrets.randbits(64)
+        seed = settings.seed
+        if seed is None:  # os.urandom: `secrets` would load OpenSSL (3.5 MB RSS)
+            seed = int.from_bytes(os.urandom(8), "little")
         self._state = rng_seed(seed)
         self._penalties = settings.penalties_active
         self._handle: ctypes.c_void_p | None = None

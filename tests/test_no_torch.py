@@ -44,3 +44,26 @@ print("FORBIDDEN:", loaded)
     )
     assert done.returncode == 0, done.stderr
     assert "FORBIDDEN: []" in done.stdout, done.stdout
+
+
+def test_loading_a_verified_package_and_sampling_load_no_openssl(tiny_package: Path):
+    """OpenSSL (`hashlib`, `secrets`) and jinja2 are 7 MB of resident memory: a load
+    whose files were verified before reads their stamps, an unseeded sampler seeds
+    from os.urandom and the chat template compiles at the first chat, so plain
+    generation needs none of them. The first process verifies (and hashes)."""
+    load = f"""
+import sys
+import edgeslm
+model = edgeslm.load({str(tiny_package)!r}, n_threads=1)
+model.generate("hello", max_tokens=4, temperature=0.8, ignore_eos=True)
+heavy = ("_hashlib", "secrets", "jinja2")
+print("OPENSSL:", sorted(m for m in sys.modules if m in heavy))
+"""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", load], capture_output=True, text=True, timeout=300
+        )
+        for _ in range(2)
+    ]
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr
+    assert "OPENSSL: []" in runs[1].stdout, runs[1].stdout

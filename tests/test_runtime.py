@@ -150,6 +150,23 @@ def test_chat_template_errors_are_clear():
         ChatTemplate(raising).render([{"role": "user", "content": "x"}])
 
 
+def test_a_template_that_does_not_compile_fails_chat_not_load(tiny_package, tmp_path):
+    """The template is compiled at the first chat (plain generation never loads
+    jinja2); a broken one then says so, and generate() still works."""
+    import json
+    import shutil
+
+    package = tmp_path / "pkg"
+    shutil.copytree(tiny_package, package)
+    manifest = json.loads((package / "edgeslm.json").read_text())
+    manifest["chat_template"] = "{% for m in messages %}{{ m.content }"
+    (package / "edgeslm.json").write_text(json.dumps(manifest))
+    model = edgeslm.load(package, n_threads=1)
+    assert len(model.generate("hello", max_tokens=3, ignore_eos=True).tokens) == 3
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        model.chat([{"role": "user", "content": "hi"}], max_tokens=3)
+
+
 def test_loading_hands_freed_heap_back_on_glibc():
     # Loading frees its temporaries (tokenizer.json's parse above all); on glibc,
     # malloc_trim returns them to the system, elsewhere there is nothing to call.
