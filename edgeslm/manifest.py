@@ -37,8 +37,9 @@ FORMAT_VERSION = 1
 # layers as MatMulQ4 and attention as edgeslm's CachedAttention; 4: SwiGLU fused
 # into the gate + up projection (the operators' activation=1); 5: the RMS norms and
 # residual adds of Llama blocks done by the products (their gamma and R inputs);
-# 6: quantized graphs keep their KV cache in float16.
-EXPORT_VERSION = 6
+# 6: quantized graphs keep their KV cache in float16; 7: int4 graphs keep theirs in
+# float32 again (their weights are the source's exactly).
+EXPORT_VERSION = 7
 
 
 @dataclass(frozen=True)
