@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 ENV_BACKEND = "EDGESLM_KERNEL"
 ENV_LIBRARY = "EDGESLM_KERNEL_LIB"
-ABI_VERSION = 3
+ABI_VERSION = 4
 LIBRARY_NAME = "_edgeslm_kernel.so"
 BACKENDS = ("auto", "c", "numpy")
 
@@ -110,6 +110,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "esl_qmm4_matmul": (_I32, [_P, _I64, _I64, _P, _P, _P, _I64, _P]),
     "esl_qmm_half": (ctypes.c_float, [ctypes.c_uint16]),
     "esl_qmm_to_half": (ctypes.c_uint16, [ctypes.c_float]),
+    # halves, floats, count
+    "esl_attn_to_half": (None, [_P, _P, _I64]),
     # gate, up, y, count, simd
     "esl_swiglu": (None, [_P, _P, _P, _I64, _I32]),
 }

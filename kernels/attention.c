@@ -46,6 +46,26 @@ ESL_TARGET_QMM_AVX2 ESL_ALWAYS_INLINE __m256 load8h_avx2(const uint16_t *p)
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
+/* x[n] to halves, rounded to nearest even by F16C: the bits of esl__half_from for
+ * every float but NaN, whose payload F16C keeps (a group with a NaN is done by
+ * esl__half_from, so a NaN becomes its canonical quiet NaN either way). */
+ESL_TARGET_QMM_AVX2 static void to_half_avx2(uint16_t *h, const float *x, int64_t n)
+{
+    int64_t i = 0, j;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) {
+            for (j = i; j < i + 8; j++)
+                h[j] = esl__half_from(x[j]);
+            continue;
+        }
+        _mm_storeu_si128((__m128i *)(h + i),
+                         _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    for (; i < n; i++)
+        h[i] = esl__half_from(x[i]);
+}
+
 /*
  * dot(a, b), y += a * x, and weighted_64: o = sum over t of (p[t] * inv) v[t] for
  * head_dim a multiple of 64, the output held in 8 registers per 64 dims instead of
@@ -172,6 +192,24 @@ ESL_ALWAYS_INLINE float32x4_t load4f_neon(const float *p) { return vld1q_f32(p);
 ESL_ALWAYS_INLINE float32x4_t load4h_neon(const uint16_t *p)
 {
     return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
+
+/* x[n] to halves with fcvtn, rounding as FPCR says (nearest even unless a caller
+ * changed it): to_half_avx2's twin, NaN groups by esl__half_from likewise. */
+static void to_half_neon(uint16_t *h, const float *x, int64_t n)
+{
+    int64_t i = 0, j;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        if (vminvq_u32(vceqq_f32(v, v)) == 0) {
+            for (j = i; j < i + 4; j++)
+                h[j] = esl__half_from(x[j]);
+            continue;
+        }
+        vst1_u16(h + i, vreinterpret_u16_f16(vcvt_f16_f32(v)));
+    }
+    for (; i < n; i++)
+        h[i] = esl__half_from(x[i]);
 }
 
 /* The AVX2 routines' NEON twins: weighted_64 holds 16 quad registers per 64 dims. */
@@ -351,12 +389,20 @@ typedef struct vec_ops {
     void (*scores_h)(const float *, const uint16_t *, int64_t, int64_t, float, float *);
     void (*weighted_h)(float *, const float *, float, const uint16_t *, int64_t, int64_t);
     float (*softmax_exp)(float *, int64_t, float);
+    void (*to_half)(uint16_t *, const float *, int64_t);
 } vec_ops;
+
+static void to_half_c(uint16_t *h, const float *x, int64_t n)
+{
+    int64_t i;
+    for (i = 0; i < n; i++)
+        h[i] = esl__half_from(x[i]);
+}
 
 /* The vector routines of the matmul's SIMD level (esl_qmm_level). */
 static vec_ops ops_for_level(int32_t level)
 {
-    vec_ops ops = {scores_c, weighted_c, scores_h_c, weighted_h_c, softmax_exp_c};
+    vec_ops ops = {scores_c, weighted_c, scores_h_c, weighted_h_c, softmax_exp_c, to_half_c};
 #if ESL_HAVE_AVX2_CODE
     if (level >= 1) {
         ops.scores = scores_avx2_any;
@@ -364,6 +410,7 @@ static vec_ops ops_for_level(int32_t level)
         ops.scores_h = scores_h_avx2_any;
         ops.weighted_h = weighted_h_avx2;
         ops.softmax_exp = softmax_exp_avx2;
+        ops.to_half = to_half_avx2;
     }
 #elif ESL_HAVE_NEON
     if (level >= 1) {
@@ -372,6 +419,7 @@ static vec_ops ops_for_level(int32_t level)
         ops.scores_h = scores_h_neon_any;
         ops.weighted_h = weighted_h_neon;
         ops.softmax_exp = softmax_exp_neon;
+        ops.to_half = to_half_neon;
     }
 #else
     (void)level;
@@ -393,6 +441,12 @@ static void rope(float *x, const float *cos_t, const float *sin_t, int64_t pos, 
     }
 }
 
+/* Contract: see edgeslm_kernel.h. */
+void esl_attn_to_half(uint16_t *h, const float *x, int64_t n)
+{
+    ops_for_level(esl_qmm_level()).to_half(h, x, n);
+}
+
 /* Contract: see attention.h. */
 int32_t esl__attn_check(const esl_attn_desc *d)
 {
@@ -408,7 +462,8 @@ void esl__attn_store(const esl_attn_desc *d, const float *qkv, const float *cos_
                      const float *sin_t, void *keys, void *values)
 {
     const int64_t dim = d->head_dim, width = (d->n_heads + 2 * d->n_kv_heads) * dim;
-    int64_t i, h, j;
+    const vec_ops ops = ops_for_level(esl_qmm_level());
+    int64_t i, h;
 
     for (i = 0; i < d->s; i++) {
         const int64_t pos = d->total - d->s + i;
@@ -427,10 +482,8 @@ void esl__attn_store(const esl_attn_desc *d, const float *qkv, const float *cos_
                 memcpy((float *)values + at, v, (size_t)dim * sizeof(float));
                 continue;
             }
-            for (j = 0; j < dim; j++) {
-                ((uint16_t *)keys)[at + j] = esl__half_from(k[j]);
-                ((uint16_t *)values)[at + j] = esl__half_from(v[j]);
-            }
+            ops.to_half((uint16_t *)keys + at, k, dim);
+            ops.to_half((uint16_t *)values + at, v, dim);
         }
     }
 }

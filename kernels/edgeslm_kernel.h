@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or struct layout below changes; _kernel.py checks it. */
-#define ESL_ABI_VERSION 3
+#define ESL_ABI_VERSION 4
 
 /* Status codes. Keep in sync with _STATUS in edgeslm/_kernel.py. */
 typedef enum esl_status {
@@ -229,6 +229,11 @@ ESL_API float esl_qmm_half(uint16_t h);
 /* Returns the IEEE binary16 nearest to f, ties to even (as numpy's astype(float16)); a
  * NaN becomes a quiet NaN. For tests of the KV cache's half-precision form. */
 ESL_API uint16_t esl_qmm_to_half(float f);
+
+/* h[i] = esl_qmm_to_half(x[i]) for i < n, by the vector routine CachedAttention stores
+ * new keys and values with at the current esl_qmm_level (F16C, NEON's fcvtn or the
+ * scalar form). For tests. */
+ESL_API void esl_attn_to_half(uint16_t *h, const float *x, int64_t n);
 
 /*
  * y[c] = silu(gate[c]) * up[c] = gate[c] / (1 + e^-gate[c]) * up[c] for c < count: the

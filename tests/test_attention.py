@@ -230,6 +230,41 @@ def test_half_conversion_rounds_to_nearest_even(lib):
     assert np.isnan(np.uint16(lib.esl_qmm_to_half(float("nan"))).view(np.float16))
 
 
+def test_vector_half_stores_give_the_scalar_bits(lib, levels):
+    # CachedAttention stores new keys and values with each ISA's vector conversion
+    # (F16C, fcvtn): every probe of the test above, at every offset of a vector and
+    # with a NaN in some groups (those take the scalar path: the canonical quiet NaN).
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = np.unique(halves[np.isfinite(halves)].astype(np.float64))
+    mids = (finite[:-1] + finite[1:]) / 2
+    probes = np.concatenate(
+        [
+            finite,
+            mids,
+            np.nextafter(mids.astype(np.float32), np.float32(np.inf)),
+            np.nextafter(mids.astype(np.float32), np.float32(-np.inf)),
+            [65519.99, 65520.0, 1e6, -1e6, 1e-8, -1e-8, 2.0**-25, 0.0, -0.0],
+            [np.inf, -np.inf],
+        ]
+    ).astype(np.float32)
+    with_nans = probes.copy()
+    with_nans[::997] = np.nan
+    want = np.array([lib.esl_qmm_to_half(float(x)) for x in with_nans], np.uint16)
+    for level in levels:
+        lib.esl_qmm_set_level(level)
+        for x, expected in ((probes, None), (with_nans, want)):
+            for start in (0, 1, 3):  # the vector groups at each alignment
+                src = np.ascontiguousarray(x[start:])
+                got = np.zeros(len(src), np.uint16)
+                lib.esl_attn_to_half(got.ctypes.data, src.ctypes.data, len(src))
+                if expected is None:
+                    with np.errstate(over="ignore"):
+                        exact = src.astype(np.float16).view(np.uint16)
+                    np.testing.assert_array_equal(got, exact, err_msg=f"level {level}")
+                else:
+                    np.testing.assert_array_equal(got, expected[start:])
+
+
 def test_present_in_its_own_buffer_gets_the_past(lib):
     heads, kv_heads, max_seq = 2, 1, 16
     rng = np.random.default_rng(5)
