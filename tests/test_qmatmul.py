@@ -601,21 +601,6 @@ def test_package_runs_its_portable_graph_without_the_kernel(tiny_package):
     assert rel < 2e-2, rel
 
 
-def test_int8_packages_cache_in_float16_int4_and_fp32_in_float32(
-    tiny_package, tiny_folder, tmp_path
-):
-    # int4 weights are the source's exactly (a GGUF's Q4_1 blocks), so its cache
-    # keeps float32: rounding it would be the package's largest departure from fp32
-    from edgeslm.export import export_model
-
-    int4 = export_model(tiny_folder, tmp_path / "int4", dtype="int4")
-    fp32 = export_model(tiny_folder, tmp_path / "fp32", dtype="fp32")
-    dtypes = [
-        edgeslm.load(p, n_threads=1).cache.dtype for p in (tiny_package, int4, fp32)
-    ]
-    assert dtypes == [np.float16, np.float32, np.float32]
-
-
 def test_package_without_portable_graph_needs_the_kernel(tiny_package, tmp_path):
     import shutil
 

@@ -6,6 +6,7 @@
   activations, as its numpy statement does.
 - smoothing: rescaling activations into the weights leaves the fp32 model's function
   unchanged, and only int8 Llama exports use it.
+- the KV cache's type follows the quantization: float16 for int8 only.
 """
 
 from __future__ import annotations
@@ -167,3 +168,16 @@ def test_int8_block_length_must_divide_the_layers(tiny_llama, tmp_path):
     assert not (tmp_path / "b128").exists()
     b64 = export_model(tiny_llama, tmp_path / "b64", block_size=64)
     assert Manifest.read(b64).quantization.startswith("int8-block64")
+
+
+def test_int8_packages_cache_in_float16_int4_and_fp32_in_float32(
+    tiny_package, tiny_folder, tmp_path
+):
+    # int4 weights are the source's exactly (a GGUF's Q4_1 blocks), so its cache
+    # keeps float32: rounding it would be the package's largest departure from fp32
+    int4 = export_model(tiny_folder, tmp_path / "int4", dtype="int4")
+    fp32 = export_model(tiny_folder, tmp_path / "fp32", dtype="fp32")
+    dtypes = [
+        edgeslm.load(p, n_threads=1).cache.dtype for p in (tiny_package, int4, fp32)
+    ]
+    assert dtypes == [np.float16, np.float32, np.float32]
