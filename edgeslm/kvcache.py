@@ -44,6 +44,7 @@ _DTYPE_F32 = 1
 _DTYPE_F16 = 2
 # The element types a cache may have, and their codes in the file format.
 _FILE_DTYPES = {np.dtype(np.float32): _DTYPE_F32, np.dtype(np.float16): _DTYPE_F16}
+_DTYPE_OF_CODE = {code: dtype for dtype, code in _FILE_DTYPES.items()}
 _DIM_MAX = 1 << 24
 _MAP_BYTES = 1 << 20  # smaller caches stay ordinary numpy arrays
 # TODO: byte-swap the payload on big-endian hosts; no supported board is big-endian.
@@ -506,8 +507,8 @@ def _read_header_reference(f) -> tuple[tuple, int]:
     fields = _HEADER.unpack_from(raw)
     (crc,) = struct.unpack_from("<I", raw, 60)
     _, _, hbytes, n_layers, heads, max_seq, head_dim, rd, length, theta, nt, dt = fields
-    dtypes = {code: dtype for dtype, code in _FILE_DTYPES.items()}
-    if crc != zlib.crc32(raw[:60]) or hbytes != _HEADER_BYTES or dt not in dtypes:
+    dtype = _DTYPE_OF_CODE.get(dt)
+    if crc != zlib.crc32(raw[:60]) or hbytes != _HEADER_BYTES or dtype is None:
         raise _FormatProblem(_kernel.ERR_BAD_HEADER)
     dims_ok = all(1 <= v <= _DIM_MAX for v in (n_layers, heads, max_seq, head_dim))
     rope_ok = (theta > 0.0 and math.isfinite(theta)) if rd > 0 else theta == 0.0
@@ -521,13 +522,13 @@ def _read_header_reference(f) -> tuple[tuple, int]:
     ):
         raise _FormatProblem(_kernel.ERR_BAD_HEADER)
     values = n_layers * 2 * heads * length * head_dim
-    expect = _HEADER_BYTES + 4 * nt + dtypes[dt].itemsize * values + 4
+    expect = _HEADER_BYTES + 4 * nt + dtype.itemsize * values + 4
     size = os.fstat(f.fileno()).st_size
     if size < expect:
         raise _FormatProblem(_kernel.ERR_TRUNCATED, f"{size} of {expect} bytes")
     if size > expect:
         raise _FormatProblem(_kernel.ERR_TRAILING, f"{size - expect} extra bytes")
-    return (n_layers, heads, max_seq, head_dim, rd, length, theta, dtypes[dt]), nt
+    return (n_layers, heads, max_seq, head_dim, rd, length, theta, dtype), nt
 
 
 def _load_reference(cache: KVCache, path: str, length: int, tokens: np.ndarray) -> None:

@@ -207,8 +207,8 @@ ESL_API const char *esl_qmm_name(void);
  * onnxruntime operator, see ort_op.c). x is [m][k] float32; w holds the weights in
  * groups of 16 rows, uint8 [ceil(n / 16)][kp / 4][16][4] (q + 128, zero rows past n),
  * and scales IEEE half [ceil(n / 16)][kp / block][16], kp = k rounded up to the block
- * (32, 64, 128 or 256); y is [m][n] float32. The activations are quantized to int8 in chunks of 32 first
- * (docs/KERNEL.md). All pointers are borrowed. Returns ESL_OK, ESL_ERR_ARG or
+ * (32, 64, 128 or 256); y is [m][n] float32. The activations are quantized to int8 in
+ * chunks of 32 first (docs/KERNEL.md). All pointers are borrowed. Returns ESL_OK, ESL_ERR_ARG or
  * ESL_ERR_NOMEM (the scratch for the quantized activations is allocated per call).
  */
 ESL_API int32_t esl_qmm_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w,

@@ -36,8 +36,9 @@ void esl__silu_times(const float *gate, const float *up, float *y, int64_t count
 /* Returns the float value of an IEEE binary16 bit pattern (exact; NaN stays NaN). */
 float esl__half(uint16_t h);
 
-/* Returns the IEEE binary16 nearest to f, ties to even (NaN: a quiet NaN; beyond the
- * largest half, infinity). Bit for bit what F16C's and NEON's conversions give. */
+/* Returns the IEEE binary16 nearest to f, ties to even (NaN: the canonical quiet NaN;
+ * beyond the largest half, infinity). Bit for bit what F16C's and NEON's conversions
+ * give for every float but NaN, whose payload they keep. */
 uint16_t esl__half_from(float f);
 
 /* Returns the high 64 bits of the 128-bit product a * b (portable, no __int128). */

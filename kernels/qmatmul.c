@@ -380,10 +380,10 @@ ESL_TARGET_QMM_VNNI ESL_ALWAYS_INLINE void tile_vnni(const esl_qmm_act *a, int64
     } while (0)
 #define DOT4_0(D, W, X16)                                                                  \
     do {                                                                                   \
-        D = esl__dot4_neon(D, WEIGHT_QUAD(W), ESL_REPEAT4(X16, 0));                                 \
-        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 64), ESL_REPEAT4(X16, 1));                          \
-        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 128), ESL_REPEAT4(X16, 2));                         \
-        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 192), ESL_REPEAT4(X16, 3));                         \
+        D = esl__dot4_neon(D, WEIGHT_QUAD(W), ESL_REPEAT4(X16, 0));                        \
+        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 64), ESL_REPEAT4(X16, 1));                 \
+        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 128), ESL_REPEAT4(X16, 2));                \
+        D = esl__dot4_neon(D, WEIGHT_QUAD((W) + 192), ESL_REPEAT4(X16, 3));                \
     } while (0)
 
 /*

@@ -71,7 +71,6 @@ void esl__qmm4_groups(const esl_qmm_act *a, const esl_qmm4_weights *w, int64_t g
 /* Returns ESL_OK when the sizes are ones the kernel handles, else ESL_ERR_ARG. */
 int32_t esl__qmm_check(int64_t m, int64_t k, int64_t n, int64_t block);
 
-
 /* ---- small helpers of the tiles ------------------------------------------------- */
 
 /* Fully unrolls a loop of constant count, so a tile's accumulators stay in registers. */

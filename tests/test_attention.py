@@ -205,15 +205,15 @@ def test_half_cache_holds_the_float_cache_rounded(lib, levels, rotary, threads):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_half_conversion_rounds_to_nearest_even(lib):
-    # Every half, the midpoints between neighbours (ties go to the even one) and a
-    # little either side of them, overflow to infinity, subnormals and signed zeros:
-    # as numpy's float16 conversion.
+def _half_probes() -> np.ndarray:
+    """Every finite half, the midpoints between neighbours (ties go to the even one)
+    and a little either side of them, overflow to infinity, subnormals, signed zeros
+    and infinities, as float32."""
     halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     finite = halves[np.isfinite(halves)].astype(np.float64)
     ordered = np.unique(finite)
     mids = (ordered[:-1] + ordered[1:]) / 2
-    probes = np.concatenate(
+    return np.concatenate(
         [
             finite,
             mids,
@@ -223,46 +223,45 @@ def test_half_conversion_rounds_to_nearest_even(lib):
             [0.0, -0.0, np.inf, -np.inf],
         ]
     ).astype(np.float32)
-    got = np.array([lib.esl_qmm_to_half(float(x)) for x in probes], np.uint16)
+
+
+def _numpy_halves(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # numpy warns as it rounds 1e6 to infinity
-        want = probes.astype(np.float16).view(np.uint16)
-    np.testing.assert_array_equal(got, want)
+        return x.astype(np.float16).view(np.uint16)
+
+
+def test_half_conversion_rounds_to_nearest_even(lib):
+    # The scalar rounding of every probe, as numpy's float16 conversion.
+    probes = _half_probes()
+    got = np.array([lib.esl_qmm_to_half(float(x)) for x in probes], np.uint16)
+    np.testing.assert_array_equal(got, _numpy_halves(probes))
     assert np.isnan(np.uint16(lib.esl_qmm_to_half(float("nan"))).view(np.float16))
 
 
 def test_vector_half_stores_give_the_scalar_bits(lib, levels):
     # CachedAttention stores new keys and values with each ISA's vector conversion
-    # (F16C, fcvtn): every probe of the test above, at every offset of a vector and
-    # with a NaN in some groups (those take the scalar path: the canonical quiet NaN).
-    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
-    finite = np.unique(halves[np.isfinite(halves)].astype(np.float64))
-    mids = (finite[:-1] + finite[1:]) / 2
-    probes = np.concatenate(
-        [
-            finite,
-            mids,
-            np.nextafter(mids.astype(np.float32), np.float32(np.inf)),
-            np.nextafter(mids.astype(np.float32), np.float32(-np.inf)),
-            [65519.99, 65520.0, 1e6, -1e6, 1e-8, -1e-8, 2.0**-25, 0.0, -0.0],
-            [np.inf, -np.inf],
-        ]
-    ).astype(np.float32)
+    # (F16C, fcvtn): every probe, at every offset of a vector and with a NaN in some
+    # groups (those take the scalar path: the canonical quiet NaN).
+    probes = _half_probes()
     with_nans = probes.copy()
     with_nans[::997] = np.nan
-    want = np.array([lib.esl_qmm_to_half(float(x)) for x in with_nans], np.uint16)
+    cases = [
+        (probes, _numpy_halves(probes)),
+        (
+            with_nans,
+            np.array([lib.esl_qmm_to_half(float(x)) for x in with_nans], np.uint16),
+        ),
+    ]
     for level in levels:
         lib.esl_qmm_set_level(level)
-        for x, expected in ((probes, None), (with_nans, want)):
+        for x, expected in cases:
             for start in (0, 1, 3):  # the vector groups at each alignment
                 src = np.ascontiguousarray(x[start:])
                 got = np.zeros(len(src), np.uint16)
                 lib.esl_attn_to_half(got.ctypes.data, src.ctypes.data, len(src))
-                if expected is None:
-                    with np.errstate(over="ignore"):
-                        exact = src.astype(np.float16).view(np.uint16)
-                    np.testing.assert_array_equal(got, exact, err_msg=f"level {level}")
-                else:
-                    np.testing.assert_array_equal(got, expected[start:])
+                np.testing.assert_array_equal(
+                    got, expected[start:], err_msg=f"level {level}"
+                )
 
 
 def test_present_in_its_own_buffer_gets_the_past(lib):
